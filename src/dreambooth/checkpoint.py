@@ -1,0 +1,145 @@
+"""Complete, atomic, resumable training checkpoints.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-000400/` holding everything a run needs to
+continue as if it had never stopped:
+
+    trainable.safetensors   the trainable weights only (all UNet weights, or just the adapters)
+    optimizer.pt            optimizer state
+    training_state.pt       LR schedule, the noise/timestep generator, torch/numpy/python RNG states
+    state.json              step, base-model fingerprint (human readable)
+    config.yaml             the resolved configuration
+
+It is written to a temporary folder and renamed into place, so a crash never leaves a half
+checkpoint, and `checkpoints/latest.json` (also replaced atomically) names the newest one, as
+k-diffusion's `*_state.json` does. Resume refuses a different base model or settings that would
+change what the remaining steps compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig, to_dict
+from .errors import DreamBoothError
+
+# Settings that must not change between a run and its resume: each changes what the remaining
+# steps compute or which weights exist. Others (max_steps, checkpoint/validation cadence,
+# output formatting) may change.
+MUST_MATCH = (
+    "model.family", "concept", "concepts", "data", "prior.enabled", "prior.num_class_images", "prior.loss_weight",
+    "lora", "text_encoder.train", "text_encoder.lr", "text_encoder.stop_step", "optim.optimizer", "optim.lr", "optim.beta1",
+    "optim.beta2", "optim.weight_decay", "optim.eps", "optim.lr_scheduler", "optim.warmup_steps", "optim.max_grad_norm",
+    "objective", "train.method", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
+    "memory.mixed_precision",
+)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    pointer = checkpoints_root(output_dir) / "latest.json"
+    if not pointer.is_file():
+        return None
+    path = checkpoints_root(output_dir) / json.loads(pointer.read_text())["checkpoint"]
+    if not path.is_dir():
+        raise DreamBoothError(f"{pointer} points at {path}, which does not exist; delete {pointer} to start over")
+    return path
+
+
+def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, generator: torch.Generator,
+                    cfg: TrainConfig, model_fingerprint: str) -> Path:
+    root = checkpoints_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.named().items()}, tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }, tmp / "training_state.pt")
+    (tmp / "state.json").write_text(json.dumps(
+        {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest.json", json.dumps({"checkpoint": final.name, "step": step}) + "\n")
+    _rotate(root, cfg.checkpoint.keep)
+    return final
+
+
+def _rotate(root: Path, keep: int) -> None:
+    """Delete the oldest checkpoints beyond `keep` (names sort by step)."""
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+
+
+def check_resume_compatible(checkpoint: Path, cfg: TrainConfig, model_fingerprint: str) -> int:
+    """Raise, naming every reason, if `cfg` cannot continue `checkpoint`; return its step."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    now = to_dict(cfg)
+    reasons = []
+    if state["model_fingerprint"] != model_fingerprint:
+        reasons.append(f"the base model's weights differ (checkpoint made from {saved['model']['path']})")
+    for key in MUST_MATCH:
+        if _get(saved, key) != _get(now, key):
+            reasons.append(f"{key} changed from {_get(saved, key)!r} to {_get(now, key)!r}")
+    if reasons:
+        raise DreamBoothError(f"cannot resume from {checkpoint}: " + "; ".join(reasons) +
+                              ". Use the original settings, or a new train.output_dir to start over")
+    if state["step"] >= cfg.train.max_steps:
+        raise DreamBoothError(f"{checkpoint} is already at step {state['step']} >= train.max_steps={cfg.train.max_steps}; "
+                              "raise train.max_steps to train further")
+    return state["step"]
+
+
+def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, generator: torch.Generator) -> None:
+    """Restore weights, optimizer, schedule and every RNG in place."""
+    weights = load_file(checkpoint / "trainable.safetensors")
+    named = trainable.named()
+    if set(weights) != set(named):
+        raise DreamBoothError(f"{checkpoint / 'trainable.safetensors'} does not match this model's trainable weights")
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(weights[name])
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

@@ -1,0 +1,167 @@
+"""Command line: `dreambooth train | class-images | sample`.
+
+`train` and `class-images` take every `TrainConfig` field as a dotted flag (`--optim.lr 2e-6`),
+generated from the dataclasses, so the flags, the YAML files and `--help` cannot drift apart.
+Precedence, lowest first: defaults < --preset < --config FILE < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from .config import TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
+from .errors import DreamBoothError
+from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
+
+TRAIN_EPILOG = """examples:
+  dreambooth train --preset object --model.path ./stable-diffusion-v1-5 \\
+      --concept.instance_dir ./dog --concept.instance_prompt "a photo of sks dog"
+  dreambooth train --preset face --model.path ./sd15 --concept.instance_dir ./me \\
+      --concept.instance_prompt "a photo of sks person" --concept.class_prompt "a photo of a person"
+  dreambooth train --config configs/sd15_lora.yaml --train.max_steps 800
+  dreambooth train --config run.yaml --train.resume        # continue from the latest checkpoint
+
+presets (any flag overrides them):
+""" + "\n".join(f"  {name:8s} " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in TRAIN_PRESETS.items())
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " | null"
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if origin is list:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig leaf field, grouped by section, defaults suppressed (so we know what was given)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with settings (same keys as the flags, nested).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, tp, default, help_text in iter_fields(TrainConfig):
+        section = key.split(".")[0] if "." in key else "general"
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} settings")
+        base = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
+        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "metavar": _type_name(tp).upper() if base is not bool else "BOOL",
+                        "help": f"{help_text} (default: {default!r})"}
+        if key == "concepts":
+            continue  # a list of mappings: YAML only
+        if base is bool:
+            kwargs.update(nargs="?", const="true")
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="+")
+        groups[section].add_argument(f"--{key}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {k: (None if isinstance(v, str) and v.lower() in {"null", "none"} else v)
+             for k, v in vars(args).items() if "." in k or k == "preset"}
+    layers = [load_yaml(args.config)] if getattr(args, "config", None) else []
+    layers.append(dotted_to_nested(flags))
+    return build_config(*layers)
+
+
+def cmd_train(args) -> None:
+    from .train import summary, train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    print(summary(result))
+
+
+def cmd_class_images(args) -> None:
+    from .data.class_images import ensure_class_images
+    from .train import _class_settings
+
+    cfg = config_from_args(args)
+    cfg.prior.enabled = True
+    cfg.validate()
+    for concept in cfg.resolved_concepts():
+        files = ensure_class_images(cfg.model.path, concept.class_dir, _class_settings(cfg, concept),
+                                    user_supplied=concept.class_images_user_supplied, device=_device())
+        print(f"{len(files)} class images for {concept.class_prompt!r} in {concept.class_dir}")
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def cmd_sample(args) -> None:
+    from .sampling import generate, image_grid, load_trained_pipeline
+
+    preset = SAMPLE_PRESETS[args.preset]
+    scheduler = args.scheduler or preset["scheduler"]
+    steps = args.steps or preset["num_inference_steps"]
+    pipe = load_trained_pipeline(args.model, base=args.base, scheduler=scheduler, device=_device())
+    seeds = [args.seed + i for i in range(args.num_images)]
+    images = generate(pipe, [args.prompt] * args.num_images, seeds, num_inference_steps=steps,
+                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                      height=args.resolution, width=args.resolution, batch_size=args.batch_size, progress=True)
+    out_dir = Path(args.out_dir or Path(args.model) / "generated")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for seed, image in zip(seeds, images):
+        image.save(out_dir / f"{scheduler}-{steps}-seed{seed}.png")
+    image_grid(images).save(out_dir / f"{scheduler}-{steps}-grid.png")
+    print(f"{len(images)} images ({scheduler}, {steps} steps, guidance {args.guidance_scale}) written to {out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth", description="Teach a text-to-image model a subject or style "
+                                     "from a handful of photos (DreamBooth).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model on your photos", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train DreamBooth (full fine-tune or LoRA). Every setting below can also go in a "
+                       "YAML file given with --config; flags override the file, which overrides the preset.")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("class-images", help="generate the class images for prior preservation (train does this too)",
+                       description="Generate (or check and reuse) class images with the base model; same settings as train.")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_class_images)
+
+    p = sub.add_parser("sample", help="render images from a trained output (full or LoRA)",
+                       description="Render images from a `dreambooth train` output folder.")
+    p.add_argument("model", help="a dreambooth output folder (full pipeline or LoRA)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--preset", choices=sorted(SAMPLE_PRESETS), default="default",
+                   help="default: DPM-Solver++ 25 steps; overfit: DDIM 100 steps (the blog's fix for overfit models)")
+    p.add_argument("--scheduler", default=None, help="ddim, pndm, lms, dpm++, euler, euler_a, ddpm (overrides --preset)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (overrides --preset)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--base", default=None, help="base model for a LoRA output (default: the one in its config.yaml)")
+    p.add_argument("--out-dir", default=None, help="default: MODEL/generated")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except DreamBoothError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

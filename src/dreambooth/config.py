@@ -1,0 +1,388 @@
+"""Training configuration: typed dataclasses, the single source of truth.
+
+The command line (`dreambooth train --optim.lr 2e-6`), YAML files (`optim: {lr: 2e-6}`), the
+presets and the resolved `config.yaml` written beside every checkpoint are all instances of
+`TrainConfig`. Each field documents itself through `metadata["help"]`, which is what
+`dreambooth train --help` prints. Unknown keys and inconsistent settings raise a
+`DreamBoothError` that names the key (litgpt's `args.py` is the model for this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import DreamBoothError
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a help text (shown by --help and in the YAML reference)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "Local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+    family: Literal["auto", "sd"] = _f("auto", "Model family; 'auto' reads model_index.json. 'sd' = Stable Diffusion 1.x/2.x.")
+
+
+@dataclass
+class ConceptConfig:
+    instance_dir: str = _f("", "Folder with 5-20 photos of the subject. A 'name.txt' beside 'name.png' is that photo's caption.")
+    instance_prompt: str = _f("", "Prompt with the rare identifier and the class noun, e.g. 'a photo of sks dog'.")
+    class_prompt: Optional[str] = _f(None, "Prompt for the class without the identifier, e.g. 'a photo of a dog' (prior preservation).")
+    class_dir: Optional[str] = _f(None, "Folder for class images (generated there if missing). Default: OUTPUT/class_images/<n>.")
+    class_images_user_supplied: bool = _f(False, "The class folder holds your own images: use them as they are, never generate or delete.")
+
+
+@dataclass
+class DataConfig:
+    resolution: int = _f(512, "Training resolution in pixels (512 for SD 1.x and SD 2 base, 768 for SD 2 768-v).")
+    center_crop: bool = _f(True, "Centre crop after resizing the shorter side; false = random crop (an augmentation).")
+    random_flip: bool = _f(False, "Flip images horizontally at random (an augmentation; avoid for asymmetric subjects or text).")
+    min_size: Optional[int] = _f(None, "Refuse images whose shorter side is below this many pixels. Default: resolution / 2.")
+    caption_extension: str = _f(".txt", "Per-image caption files: 'photo.txt' beside 'photo.png' replaces the instance prompt.")
+
+    @property
+    def min_image_size(self) -> int:
+        return self.min_size if self.min_size is not None else self.resolution // 2
+
+
+@dataclass
+class PriorConfig:
+    enabled: bool = _f(False, "Prior preservation: also train on generated class images so the class noun keeps its meaning.")
+    num_class_images: int = _f(100, "Class images per concept (the paper and blog use 100-200).")
+    loss_weight: float = _f(1.0, "Weight of the class-image loss relative to the subject loss.")
+    scheduler: str = _f("dpm++", "Sampler for class images: ddim, pndm, lms, dpm++, euler, euler_a, ddpm.")
+    num_inference_steps: int = _f(25, "Sampling steps per class image (DPM-Solver++ is good at 20-25).")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance for class images.")
+    negative_prompt: Optional[str] = _f(None, "Negative prompt for class images.")
+    seed: int = _f(0, "Class image i is generated with seed + i, so generation is resumable and reproducible.")
+    batch_size: int = _f(4, "Class images generated per batch.")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(4, "LoRA rank r (train.method=lora).")
+    alpha: float = _f(4.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    unet_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters (attention projections).")
+    text_encoder_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get adapters.")
+
+
+@dataclass
+class TextEncoderConfig:
+    train: bool = _f(False, "Also train the text encoder (the blog: better results, especially for faces; more memory).")
+    lr: Optional[float] = _f(None, "Learning rate for the text encoder. Default: optim.lr.")
+    stop_step: Optional[int] = _f(None, "Freeze the text encoder from this optimizer step on (it overfits sooner than the UNet).")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = _f(
+        "adamw", "adamw; adamw8bit (bitsandbytes, CUDA); adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
+    lr: float = _f(5e-6, "Learning rate (the blog: 1e-6..5e-6 for full fine-tuning; LoRA wants ~1e-4).")
+    beta1: float = _f(0.9, "Adam beta1.")
+    beta2: float = _f(0.999, "Adam beta2.")
+    weight_decay: float = _f(1e-2, "Decoupled weight decay.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = _f(
+        "constant", "Learning-rate schedule (diffusers' get_scheduler).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value; null = no clipping.")
+
+
+@dataclass
+class MemoryConfig:
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision (accelerate); trainable weights stay fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, ~30% slower.")
+    attention: Literal["sdpa", "xformers"] = _f("sdpa", "Attention kernel: PyTorch SDPA (memory-efficient, default) or xFormers.")
+    cache_latents: Optional[bool] = _f(None, "Encode each image with the VAE once. Default: on when augmentation is off.")
+    cache_text_embeddings: Optional[bool] = _f(None, "Encode each prompt once. Default: on when the text encoder is frozen.")
+
+
+@dataclass
+class ObjectiveConfig:
+    snr_gamma: Optional[float] = _f(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. null = off.")
+    offset_noise: float = _f(0.0, "Offset noise strength (adds a per-channel constant to the noise; helps very dark/bright images).")
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = _f([], "Prompts rendered every validation.every_n_steps steps and at the end.")
+    every_n_steps: int = _f(0, "Validate every N steps (0 = only at the end, if prompts are given).")
+    num_images: int = _f(4, "Images per prompt (seeds seed, seed+1, ...).")
+    scheduler: str = _f("dpm++", "Sampler: ddim, pndm, lms, dpm++, euler, euler_a, ddpm.")
+    num_inference_steps: int = _f(25, "Sampling steps.")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale.")
+    negative_prompt: Optional[str] = _f(None, "Negative prompt.")
+    seed: int = _f(0, "First seed; fixed so that grids from different steps are comparable.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = never).")
+    keep: int = _f(2, "Keep at most this many checkpoints (oldest deleted first).")
+
+
+@dataclass
+class TrainLoopConfig:
+    output_dir: str = _f("outputs/dreambooth", "Where the trained model, samples, checkpoints and logs go.")
+    method: Literal["full", "lora"] = _f("full", "full = fine-tune all UNet weights; lora = train low-rank adapters (peft).")
+    max_steps: int = _f(400, "Optimizer steps (the blog: ~400 at batch 4 for objects at lr 2e-6).")
+    batch_size: int = _f(1, "Subject images per micro-batch (the same number of class images is added with prior preservation).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    seed: int = _f(0, "Seed for data order, augmentation, noise and timesteps.")
+    resume: bool = _f(False, "Continue from OUTPUT/checkpoints/latest.json.")
+    log_every_n_steps: int = _f(1, "Write loss and learning rate to TensorBoard every N steps.")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    concepts: list[ConceptConfig] = _f([], "Several concepts (YAML only): a list of {instance_dir, instance_prompt, class_prompt, class_dir}.")
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    preset: Optional[str] = _f(None, "Start from a preset (object, face, style); any field given explicitly overrides it.")
+
+    # ---- derived settings -------------------------------------------------------------
+    def resolved_concepts(self) -> list[ConceptConfig]:
+        """The concept list: `concepts` when given, else the single `concept`; class_dir defaults filled in."""
+        concepts = [dataclasses.replace(c) for c in (self.concepts or [self.concept])]
+        for i, c in enumerate(concepts):
+            if self.prior.enabled and not c.class_dir:
+                c.class_dir = str(Path(self.train.output_dir) / "class_images" / str(i))
+        return concepts
+
+    @property
+    def augment(self) -> bool:
+        return self.data.random_flip or not self.data.center_crop
+
+    @property
+    def cache_latents(self) -> bool:
+        return (not self.augment) if self.memory.cache_latents is None else self.memory.cache_latents
+
+    @property
+    def cache_text_embeddings(self) -> bool:
+        default = not self.text_encoder.train
+        return default if self.memory.cache_text_embeddings is None else self.memory.cache_text_embeddings
+
+    # ---- consistency checks -----------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise a DreamBoothError naming the key for every inconsistent setting; return self."""
+        if not self.model.path:
+            raise DreamBoothError("model.path is required: a local diffusers model folder (e.g. --model.path ./stable-diffusion-v1-5)")
+        if self.concepts and (self.concept.instance_dir or self.concept.instance_prompt):
+            raise DreamBoothError("give either `concept` (one concept) or `concepts` (a list), not both")
+        for i, c in enumerate(self.concepts or [self.concept]):
+            key = f"concepts[{i}]" if self.concepts else "concept"
+            if not c.instance_dir:
+                raise DreamBoothError(f"{key}.instance_dir is required: the folder with your subject's photos")
+            if not c.instance_prompt:
+                raise DreamBoothError(f"{key}.instance_prompt is required, e.g. 'a photo of sks dog'")
+            if self.prior.enabled and not c.class_prompt:
+                raise DreamBoothError(f"{key}.class_prompt is required with prior.enabled=true, e.g. 'a photo of a dog'")
+            if not self.prior.enabled and (c.class_prompt or c.class_dir):
+                raise DreamBoothError(f"{key}.class_prompt/class_dir are set but prior.enabled is false: "
+                                      "set prior.enabled=true to use them, or remove them")
+        positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
+                    "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+                    "data.resolution": self.data.resolution, "lora.rank": self.lora.rank,
+                    "prior.num_class_images": self.prior.num_class_images, "prior.batch_size": self.prior.batch_size,
+                    "validation.num_images": self.validation.num_images, "checkpoint.keep": self.checkpoint.keep}
+        for key, value in positive.items():
+            if value < 1:
+                raise DreamBoothError(f"{key} must be at least 1, got {value}")
+        if self.data.resolution % 8:
+            raise DreamBoothError(f"data.resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.data.resolution}")
+        if self.optim.lr <= 0:
+            raise DreamBoothError(f"optim.lr must be positive, got {self.optim.lr}")
+        if not self.text_encoder.train and (self.text_encoder.stop_step is not None or self.text_encoder.lr is not None):
+            raise DreamBoothError("text_encoder.lr/stop_step are set but text_encoder.train is false: set text_encoder.train=true")
+        if self.text_encoder.train and self.memory.cache_text_embeddings:
+            raise DreamBoothError("memory.cache_text_embeddings=true cannot be used with text_encoder.train=true "
+                                  "(the embeddings change every step)")
+        if self.augment and self.memory.cache_latents:
+            raise DreamBoothError("memory.cache_latents=true cannot be used with data.random_flip or data.center_crop=false "
+                                  "(each step sees a different crop); turn the augmentation off or the cache off")
+        if not 0 <= self.lora.dropout < 1:
+            raise DreamBoothError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        if self.objective.snr_gamma is not None and self.objective.snr_gamma <= 0:
+            raise DreamBoothError(f"objective.snr_gamma must be positive (5.0 is the paper's value), got {self.objective.snr_gamma}")
+        if self.validation.every_n_steps and not self.validation.prompts:
+            raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass, with unknown keys rejected by name
+# ---------------------------------------------------------------------------------------
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML or CLI value to the field's type; errors name the key."""
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if value is None:
+        if optional:
+            return None
+        raise DreamBoothError(f"{key} cannot be null")
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise DreamBoothError(f"{key} must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise DreamBoothError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on", "false", "no", "0", "off"}:
+            return value.lower() in {"true", "yes", "1", "on"}
+        raise DreamBoothError(f"{key} must be true or false; got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise DreamBoothError(f"{key} must be a number; got {value!r}")
+        try:
+            converted = tp(value)
+        except (TypeError, ValueError):
+            raise DreamBoothError(f"{key} must be {'an integer' if tp is int else 'a number'}; got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != converted:
+            raise DreamBoothError(f"{key} must be an integer; got {value!r}")
+        return converted
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise DreamBoothError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys raise with a 'did you mean' hint."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(sorted(names))})"
+            raise DreamBoothError(f"unknown setting {prefix}{key}{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in, recursively for nested mappings."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dotted_to_nested(flat: dict[str, Any]) -> dict:
+    """{'optim.lr': 1e-6} -> {'optim': {'lr': 1e-6}}"""
+    nested: dict = {}
+    for dotted, value in flat.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DreamBoothError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DreamBoothError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise DreamBoothError(f"{path} must hold a mapping of settings at the top level")
+    return data
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def build_config(*layers: dict) -> TrainConfig:
+    """Merge nested-dict layers (later wins) over the defaults, applying a named preset first.
+
+    A `preset` key in any layer selects a preset; the preset's values sit under every layer, so
+    anything the user gives explicitly wins over it.
+    """
+    from .presets import TRAIN_PRESETS
+
+    merged: dict = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    preset = merged.get("preset")
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            raise DreamBoothError(f"unknown preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+        merged = deep_merge(dotted_to_nested(TRAIN_PRESETS[preset]), merged)
+    return from_dict(TrainConfig, merged)
+
+
+def iter_fields(cls, prefix: str = ""):
+    """Yield (dotted key, type, default, help) for every leaf field, for --help and the CLI parser."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        yield prefix + f.name, tp, default, f.metadata.get("help", "")

@@ -1,0 +1,126 @@
+"""Subject and class examples, and a data order that is a pure function of the step.
+
+DreamBooth data is tiny (5-20 subject photos, 100-200 class images), so every image is decoded
+once into memory and validated before training starts. The order in which examples are seen is
+computed from (seed, position) alone: position p of the stream lives in epoch p // N and is
+index perm_epoch[p % N], with perm_epoch drawn from a generator seeded by (seed, epoch); crops
+and flips are drawn from a generator seeded by (seed, p). A resumed run therefore needs nothing
+but the step number to continue exactly where it stopped, and processes of a multi-GPU run each
+take their own positions.
+
+Pairing follows the paper and diffusers: index i of an epoch pairs subject example i mod N_s with
+class example i mod N_c, and an epoch has max(N_s, N_c) indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config import ConceptConfig, DataConfig
+from ..errors import DreamBoothError
+from .images import list_images, load_image, read_caption, to_tensor, validate_images
+
+
+@dataclass
+class Example:
+    path: Path
+    prompt: str
+    image: Image.Image  # decoded RGB, before resize/crop
+
+
+def subject_examples(concepts: list[ConceptConfig], data: DataConfig) -> list[Example]:
+    """All subject photos of all concepts, each with its caption file's text or the concept's prompt."""
+    examples = []
+    for concept in concepts:
+        paths = list_images(concept.instance_dir, "instance")
+        validate_images(paths, data.min_image_size)
+        for path in paths:
+            caption = read_caption(path) if data.caption_extension == ".txt" else _read_other_caption(path, data)
+            examples.append(Example(path, caption or concept.instance_prompt, load_image(path, data.min_image_size)))
+    return examples
+
+
+def _read_other_caption(path: Path, data: DataConfig) -> str | None:
+    caption_path = path.with_suffix(data.caption_extension)
+    if not caption_path.is_file():
+        return None
+    text = caption_path.read_text(encoding="utf-8-sig").strip()
+    if not text:
+        raise DreamBoothError(f"caption file {caption_path} is empty: write the caption or delete the file")
+    return text
+
+
+def class_examples(files_per_concept: list[list[Path]], concepts: list[ConceptConfig], data: DataConfig) -> list[Example]:
+    """Class images (already generated or user-supplied) with their concept's class prompt."""
+    examples = []
+    for files, concept in zip(files_per_concept, concepts):
+        validate_images(files, data.min_image_size)
+        examples += [Example(p, concept.class_prompt, load_image(p, data.min_image_size)) for p in files]
+    return examples
+
+
+class DataOrder:
+    """Which (subject, class) pair and which augmentation draw a stream position gets."""
+
+    def __init__(self, n_subject: int, n_class: int, seed: int):
+        self.n_subject, self.n_class, self.seed = n_subject, n_class, seed
+        self.epoch_len = max(n_subject, n_class)
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.epoch_len, generator=g)}  # keep one epoch: positions advance
+        return self._perms[epoch]
+
+    def pair(self, position: int) -> tuple[int, int | None]:
+        index = int(self._perm(position // self.epoch_len)[position % self.epoch_len])
+        return index % self.n_subject, (index % self.n_class if self.n_class else None)
+
+    def augmentation_generator(self, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 7_919 + 104_729 * position + 1)
+
+
+@dataclass
+class Batch:
+    examples: list[Example]  # subject examples first, then class examples
+    is_prior: torch.Tensor  # (2B,) or (B,) bool
+    pixels: torch.Tensor | None  # (N, 3, H, W) in [-1, 1]; None when latents are cached
+    indices: list[tuple[str, int]]  # ("subject" | "class", index) per example: the cache keys
+
+
+class DreamBoothData:
+    """Builds the micro-batch for any stream position range."""
+
+    def __init__(self, subject: list[Example], klass: list[Example], data: DataConfig, seed: int):
+        if not subject:
+            raise DreamBoothError("no subject images: check concept.instance_dir")
+        self.subject, self.klass, self.data = subject, klass, data
+        self.order = DataOrder(len(subject), len(klass), seed)
+
+    def pixels(self, kind: str, index: int, position: int | None = None) -> torch.Tensor:
+        """One example's training tensor (3, H, W); `position` seeds crop/flip when augmenting."""
+        example = (self.subject if kind == "subject" else self.klass)[index]
+        g = self.order.augmentation_generator(position) if position is not None else None
+        flip = bool(self.data.random_flip and torch.rand((), generator=g) < 0.5) if g is not None else False
+        return to_tensor(example.image, self.data.resolution, center_crop=self.data.center_crop, flip=flip, generator=g)
+
+    def batch(self, first_position: int, batch_size: int, with_pixels: bool) -> Batch:
+        subject_idx, class_idx = [], []
+        for p in range(first_position, first_position + batch_size):
+            s, c = self.order.pair(p)
+            subject_idx.append((s, p))
+            if c is not None:
+                class_idx.append((c, p))
+        keys = [("subject", s) for s, _ in subject_idx] + [("class", c) for c, _ in class_idx]
+        examples = [self.subject[s] for s, _ in subject_idx] + [self.klass[c] for c, _ in class_idx]
+        is_prior = torch.tensor([False] * len(subject_idx) + [True] * len(class_idx))
+        pixels = None
+        if with_pixels:
+            positions = [p for _, p in subject_idx] + [p for _, p in class_idx]
+            pixels = torch.stack([self.pixels(kind, i, p) for (kind, i), p in zip(keys, positions)])
+        return Batch(examples, is_prior, pixels, keys)

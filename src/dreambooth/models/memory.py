@@ -1,0 +1,27 @@
+"""Memory and speed switches: gradient checkpointing and the attention kernel.
+
+Each is opt-in and named for what it does (STYLE rule 12). Latent and text-embedding caching live
+in the training recipe because they change what the loop feeds the model, not the model.
+"""
+
+from __future__ import annotations
+
+from ..config import TrainConfig
+from ..errors import DreamBoothError
+from .load import Components
+
+
+def apply_memory_options(comps: Components, cfg: TrainConfig) -> None:
+    if cfg.memory.gradient_checkpointing:
+        # Recompute activations in the backward pass instead of storing them.
+        comps.unet.enable_gradient_checkpointing()
+        if cfg.text_encoder.train:
+            comps.text_encoder.gradient_checkpointing_enable()
+    if cfg.memory.attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise DreamBoothError("memory.attention=xformers needs xFormers: pip install xformers (CUDA), "
+                                  "or use memory.attention=sdpa, which is as memory-efficient on PyTorch >= 2") from None
+        comps.unet.enable_xformers_memory_efficient_attention()
+    # "sdpa": diffusers' default attention processor already calls torch's scaled_dot_product_attention.

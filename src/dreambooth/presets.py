@@ -1,0 +1,47 @@
+"""Named starting points distilled from the Hugging Face DreamBooth blog post (Nov 2022).
+
+Each preset is a set of dotted overrides applied *under* the user's settings, so any field the
+user gives explicitly wins. The numbers are the blog's findings for Stable Diffusion 1.x:
+
+- objects: "a learning rate of 2e-6 with 400 training steps works well for objects" at batch 4;
+  prior preservation "doesn't seem to make a huge difference" for them.
+- faces: "1e-6 (or 2e-6) with ~1200 steps" at batch 2; "prior preservation is important to avoid
+  overfitting when training on faces"; "training the text encoder ... has a big impact on quality".
+- style: no class noun to protect, so no prior preservation; flips are harmless for most styles.
+
+We reach the blog's batch sizes by gradient accumulation over batch 1, which gives the same
+update with the memory of batch 1.
+"""
+
+TRAIN_PRESETS: dict[str, dict[str, object]] = {
+    "object": {
+        "optim.lr": 2e-6,
+        "train.max_steps": 400,
+        "train.batch_size": 1,
+        "train.gradient_accumulation_steps": 4,  # = the blog's batch 4
+    },
+    "face": {
+        "optim.lr": 1e-6,
+        "train.max_steps": 1000,  # the blog: 800-1200
+        "train.batch_size": 1,
+        "train.gradient_accumulation_steps": 2,  # = the blog's batch 2
+        "prior.enabled": True,
+        "prior.num_class_images": 200,
+        "text_encoder.train": True,
+    },
+    "style": {
+        "optim.lr": 2e-6,
+        "train.max_steps": 800,
+        "train.batch_size": 1,
+        "train.gradient_accumulation_steps": 4,
+        "data.random_flip": True,
+    },
+}
+
+# Sampling presets for `dreambooth sample --preset`. "overfit": the blog found that when a model
+# overfits, "DDIM usually works much better than PNDM and LMSDiscrete" and "100 [inference
+# steps] seems to be a good choice".
+SAMPLE_PRESETS: dict[str, dict[str, object]] = {
+    "default": {"scheduler": "dpm++", "num_inference_steps": 25},
+    "overfit": {"scheduler": "ddim", "num_inference_steps": 100},
+}

@@ -1,0 +1,77 @@
+"""Validation images during training, and the run's metric log (TensorBoard + metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ValidationConfig
+from .sampling import generate, image_grid, make_scheduler
+
+log = logging.getLogger("dreambooth")
+
+
+class Logger:
+    """Scalars and images to TensorBoard (OUTPUT/logs) and scalars to OUTPUT/logs/metrics.jsonl."""
+
+    def __init__(self, log_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (log_dir / "metrics.jsonl").open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        except ImportError:  # tensorboard is a dependency, but a trimmed install should still train
+            log.warning("tensorboard is not installed; metrics go to %s only", log_dir / "metrics.jsonl")
+
+    def scalars(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def image(self, step: int, name: str, image) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+@torch.no_grad()
+def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, step: int, logger: Logger | None = None) -> Path:
+    """Render every validation prompt with fixed seeds; save one grid (rows = prompts) as samples/step-NNNNNN.png."""
+    was_training = [(m, m.training) for m in (comps.unet, comps.text_encoder)]
+    for m, _ in was_training:
+        m.eval()
+    pipe = comps.family.pipeline(comps, scheduler=make_scheduler(vcfg.scheduler, comps.inference_scheduler.config))
+    prompts = [p for p in vcfg.prompts for _ in range(vcfg.num_images)]
+    seeds = [vcfg.seed + i for _ in vcfg.prompts for i in range(vcfg.num_images)]
+    images = generate(pipe, prompts, seeds, num_inference_steps=vcfg.num_inference_steps,
+                      guidance_scale=vcfg.guidance_scale, negative_prompt=vcfg.negative_prompt,
+                      height=resolution, width=resolution, batch_size=max(vcfg.num_images, 1))
+    for m, training in was_training:
+        m.train(training)
+    grid = image_grid(images, cols=vcfg.num_images)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    path = samples_dir / f"step-{step:06d}.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+    if logger is not None:
+        logger.image(step, "validation", grid)
+    return path

@@ -1,0 +1,177 @@
+"""Inference helpers: pick a scheduler, render seeded images in batches, tile them into a grid.
+
+Used by validation during training, by class-image generation (prior preservation) and by
+`dreambooth sample`. Everything here works with any diffusers text-to-image pipeline (SD 1.x/2.x
+now, SDXL later) because it passes only the call arguments those pipelines share.
+"""
+
+import math
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dreambooth.errors import DreamBoothError
+
+SCHEDULERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "lms": LMSDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "ddpm": DDPMScheduler,
+}
+"""Sampler names accepted in configs and on the command line, mapped to diffusers classes."""
+
+# Settings that make a class behave as the sampler its name promises, whatever the base config
+# says. DPMSolverMultistepScheduler also implements plain DPM-Solver and the SDE variants. PNDM
+# without skip_prk_steps runs Runge-Kutta warm-up steps that fail below ~5 steps and are not what
+# Stable Diffusion ships (its scheduler_config.json sets skip_prk_steps: true, i.e. PLMS).
+_OVERRIDES: dict[str, dict] = {
+    "dpm++": {"algorithm_type": "dpmsolver++"},
+    "pndm": {"skip_prk_steps": True},
+}
+
+
+def make_scheduler(name: str, base_config) -> SchedulerMixin:
+    """Build the sampler called `name` from a model's scheduler config.
+
+    Building from the model's own config keeps what the model was trained with (betas,
+    `prediction_type`, timestep spacing); only the sampling algorithm changes.
+
+    Args:
+        name (str): One of `SCHEDULERS`' keys, e.g. "dpm++".
+        base_config: The model's scheduler config, usually `pipe.scheduler.config`.
+
+    Returns:
+        SchedulerMixin: A fresh scheduler instance.
+
+    Raises:
+        DreamBoothError: If `name` is unknown, or its class needs a package that is not installed.
+
+    Examples:
+        >>> make_scheduler("euler", pipe.scheduler.config).config.prediction_type
+        'epsilon'
+    """
+    if name not in SCHEDULERS:
+        raise DreamBoothError(
+            f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}"
+        )
+    try:
+        return SCHEDULERS[name].from_config(base_config, **_OVERRIDES.get(name, {}))
+    except ImportError as err:
+        # diffusers swaps classes with missing extras (LMS needs scipy) for stubs that raise here.
+        raise DreamBoothError(
+            f"scheduler {name!r} needs a package that is not installed ({' '.join(str(err).split())}); "
+            "install it, "
+            f"or choose another of: {', '.join(n for n in SCHEDULERS if n != name)}"
+        ) from err
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Replace `pipe.scheduler` with the sampler called `name`, built from the current config."""
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+
+
+def generate(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> list[Image.Image]:
+    """Render one image per (prompt, seed) pair.
+
+    Each image gets its own `torch.Generator` seeded with its seed, and the pipeline draws each
+    image's noise from that image's generator, so image i is the same whatever the batch size or
+    its position in the batch. That is what makes validation grids comparable across runs and
+    class-image generation resumable. ("The same" up to float rounding: batched matrix products
+    may round differently, which can move a pixel by one 8-bit level.)
+
+    Args:
+        pipe: A diffusers text-to-image pipeline, already on its device.
+        prompts (list[str]): One prompt per image.
+        seeds (list[int]): One seed per image, same length as `prompts`.
+        num_inference_steps (int): Denoising steps per image.
+        guidance_scale (float): Classifier-free guidance scale; 1.0 turns guidance off.
+        negative_prompt (str | None): Used for every image, if given.
+        height (int | None): Image height in pixels; None lets the pipeline use the model's size.
+        width (int | None): Image width in pixels; None lets the pipeline use the model's size.
+        batch_size (int): Images per pipeline call; trades memory for speed, not results.
+        progress (bool): Show a progress bar over batches.
+
+    Returns:
+        list[PIL.Image.Image]: The images, in the order of `prompts`.
+
+    Raises:
+        ValueError: If `prompts` and `seeds` differ in length or `batch_size` < 1.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Our bar counts batches; the pipeline's per-step bar would print a new line per batch.
+    pipe.set_progress_bar_config(disable=True)
+    starts = range(0, len(prompts), batch_size)
+    images: list[Image.Image] = []
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
+        batch_prompts = prompts[start : start + batch_size]
+        batch_seeds = seeds[start : start + batch_size]
+        generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in batch_seeds]
+        out = pipe(
+            prompt=batch_prompts,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch_prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=height,
+            width=width,
+            output_type="pil",
+        )
+        images.extend(out.images)
+    return images
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images row by row into one picture.
+
+    Args:
+        images (list[PIL.Image.Image]): The tiles; each cell is as large as the largest tile.
+        cols (int | None): Columns; defaults to ceil(sqrt(len(images))), a near-square grid.
+
+    Returns:
+        PIL.Image.Image: An RGB image of `cols` x ceil(n / cols) cells, black where empty.
+
+    Raises:
+        ValueError: If `images` is empty or `cols` < 1.
+    """
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    if cols is None:
+        cols = math.ceil(math.sqrt(len(images)))
+    if cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}")
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
+    return grid

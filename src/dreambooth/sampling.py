@@ -175,3 +175,37 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
     for i, im in enumerate(images):
         grid.paste(im.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
     return grid
+
+
+def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = "dpm++", device: str = "cpu"):
+    """A pipeline for a `dreambooth train` output: the saved pipeline (full), or base + adapters (LoRA).
+
+    A LoRA output holds only `pytorch_lora_weights.safetensors`; its base model is read from the
+    output's config.yaml (model.path) unless `base` is given.
+    """
+    from pathlib import Path
+
+    import yaml
+    from diffusers import DiffusionPipeline
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise DreamBoothError(f"{output_dir} is not a folder; give a dreambooth output folder")
+    lora_file = output_dir / "pytorch_lora_weights.safetensors"
+    if (output_dir / "model_index.json").is_file():
+        pipe = DiffusionPipeline.from_pretrained(output_dir)
+    elif lora_file.is_file():
+        if base is None:
+            config = output_dir / "config.yaml"
+            if not config.is_file():
+                raise DreamBoothError(f"{output_dir} holds LoRA weights but no config.yaml naming the base model: pass --base")
+            base = yaml.safe_load(config.read_text())["model"]["path"]
+        if not Path(base).is_dir():
+            raise DreamBoothError(f"base model {base} (for the LoRA in {output_dir}) not found: pass --base PATH")
+        pipe = DiffusionPipeline.from_pretrained(base)
+        pipe.load_lora_weights(output_dir)
+    else:
+        raise DreamBoothError(f"{output_dir} holds neither a pipeline (model_index.json) nor LoRA weights "
+                              f"({lora_file.name}); is it a dreambooth output folder?")
+    set_scheduler(pipe, scheduler)
+    return pipe.to(device)

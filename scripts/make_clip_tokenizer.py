@@ -9,7 +9,7 @@ list gives the exact 49,408-token tokenizer Stable Diffusion uses (`sks` is toke
 The merges file ships inside the open-clip-torch wheel as `open_clip/bpe_simple_vocab_16e6.txt.gz`:
 
     pip download --no-deps -d /tmp/oc open-clip-torch && unzip /tmp/oc/*.whl '*bpe_simple*'
-    python scripts/make_clip_tokenizer.py open_clip/bpe_simple_vocab_16e6.txt.gz tests/assets/clip_tokenizer --merges 2000
+    python scripts/make_clip_tokenizer.py open_clip/bpe_simple_vocab_16e6.txt.gz src/dreambooth/assets/clip_tokenizer --merges 2000
 """
 
 import argparse

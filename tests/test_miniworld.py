@@ -1,0 +1,83 @@
+"""The miniature world: deterministic renders and captions, held-out subjects and backgrounds."""
+
+import numpy as np
+import pytest
+
+from dreambooth.miniworld import world
+
+
+def test_world_example_is_deterministic():
+    for seed in (0, 7, 123):
+        a_img, a_cap, a_scene = world.world_example(seed)
+        b_img, b_cap, b_scene = world.world_example(seed)
+        assert np.array_equal(np.asarray(a_img), np.asarray(b_img))
+        assert (a_cap, a_scene) == (b_cap, b_scene)
+        assert a_img.size == (32, 32) and a_img.mode == "RGB"
+
+
+def test_world_has_168_combinations_and_never_a_subject():
+    assert len(world.world_combinations()) == 168
+    scenes = [world.world_example(s)[2] for s in range(300)]
+    assert all(sc.subject is None for sc in scenes)
+    assert all(sc.colour != sc.background for sc in scenes)
+    assert {sc.shape for sc in scenes} == set(world.SHAPES)
+    assert {sc.colour for sc in scenes} == set(world.COLOURS)
+    assert {sc.background for sc in scenes} == set(world.BACKGROUNDS)
+
+
+def test_captions_contain_the_class_noun_and_drop_attributes():
+    caps = [world.world_example(s) for s in range(2000)]
+    nonempty = [(c, sc) for _, c, sc in caps if c]
+    empty_share = 1 - len(nonempty) / len(caps)
+    assert 0.07 < empty_share < 0.13
+    assert all(" toy" in c and c.startswith("a photo of ") for c, _ in nonempty)
+    shape_named = np.mean([sc.shape in c for c, sc in nonempty])
+    assert 0.58 < shape_named < 0.72  # kept with p = 0.65
+    assert "a photo of a toy" in {c for c, _ in nonempty}
+    assert world.describe("circle", "red", "blue") == "a photo of a red circle toy on a blue background"
+    assert world.describe(colour="orange") == "a photo of an orange toy"
+
+
+def test_subjects_are_novel_and_backgrounds_held_out():
+    assert len(world.SUBJECTS) >= 4
+    for name, s in world.SUBJECTS.items():
+        assert s.shape not in world.SHAPES
+        assert not set(s.instance_backgrounds) & set(s.heldout_backgrounds)
+        assert set(s.instance_backgrounds) | set(s.heldout_backgrounds) <= set(world.BACKGROUNDS)
+        scenes = world.instance_scenes(name)
+        assert len(scenes) == 5
+        assert {sc.background for sc in scenes} == set(s.instance_backgrounds)
+        assert all(sc.subject == name for sc in scenes)
+        prompts = world.recontext_prompts(name)
+        assert set(prompts) == set(s.heldout_backgrounds)
+        assert all(p.startswith("a photo of sks toy on a") for p in prompts.values())
+
+
+def test_instance_images_differ_and_are_written(tmp_path):
+    for name in world.SUBJECTS:
+        arrays = [np.asarray(im, dtype=np.int16) for im in world.instance_images(name)]
+        for i in range(len(arrays)):
+            for j in range(i + 1, len(arrays)):
+                assert np.abs(arrays[i] - arrays[j]).mean() > 1.0
+    paths = world.write_instance_images("banded_heart", tmp_path / "heart")
+    assert [p.name for p in paths] == [f"banded_heart_{i:02d}.png" for i in range(5)]
+    again = world.write_instance_images("banded_heart", tmp_path / "again")
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+
+
+def test_labels_cover_every_head():
+    heart = world.instance_scenes("banded_heart")[0]
+    labels = heart.labels()
+    assert world.ALL_SHAPES[labels["shape"]] == "heart"
+    assert world.SUBJECT_LABELS[labels["subject"]] == "banded_heart"
+    # a subject shape in a world colour is not the subject
+    assert world.Scene("heart", "red", "white").subject is None
+    with pytest.raises(KeyError, match="known"):
+        world.get_subject("nope")
+
+
+def test_generic_images_are_deterministic_and_varied():
+    a = [np.asarray(world.generic_image(s)) for s in range(4)]
+    b = [np.asarray(world.generic_image(s)) for s in range(4)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], a[1])

@@ -331,22 +331,17 @@ def test_help_lists_every_flag_with_its_default(capsys):
 def test_help_shows_each_field_help_verbatim(capsys):
     squashed = _squash(_help_text(capsys))
     for key, _, _, help_text in iter_fields(TrainConfig):
-        if key in ("concepts", "memory.gradient_checkpointing"):  # the latter: see the xfail below
+        if key == "concepts":
             continue
         assert _squash(help_text) in squashed, key
 
 
-@pytest.mark.xfail(strict=True, reason="bug in cli.add_config_flags (cli.py:53): the field help goes to argparse "
-                   "unescaped, and argparse %-formats help strings, so '~30% slower' "
-                   "(memory.gradient_checkpointing) renders as '~30{...the action's params dict...}lower'")
 def test_help_with_percent_sign_is_shown_verbatim(capsys):
     out = _help_text(capsys)
     assert "~30% slower" in " ".join(out.split())
     assert "option_strings" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="bug in cli.add_config_flags (cli.py:52): the metavar is upper-cased, so a "
-                   "Literal field shows '{FULL,LORA}' while only 'full'/'lora' are accepted")
 def test_help_shows_choices_as_accepted(capsys):
     out = _help_text(capsys)
     assert "--train.method {full,lora}" in out

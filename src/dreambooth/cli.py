@@ -49,8 +49,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} settings")
         base = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
-        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "metavar": _type_name(tp).upper() if base is not bool else "BOOL",
-                        "help": f"{help_text} (default: {default!r})"}
+        # argparse %-formats help strings: escape our own percent signs.
+        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {default!r})".replace("%", "%%"),
+                        "metavar": "BOOL" if base is bool else _type_name(tp) if typing.get_origin(base) is typing.Literal
+                        else _type_name(tp).upper()}
         if key == "concepts":
             continue  # a list of mappings: YAML only
         if base is bool:

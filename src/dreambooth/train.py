@@ -50,10 +50,14 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     start_time = time.time()
     cfg.validate()
     out = Path(cfg.train.output_dir)
+    # accelerate keeps its settings in a process-wide singleton; clear them (not the process group)
+    # so that a second train() in one process (a UI, a sweep, the tests) can use other settings.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.memory.mixed_precision,
                               gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

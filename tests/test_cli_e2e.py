@@ -109,3 +109,15 @@ def test_unknown_flag_and_console_script(tmp_path):
     assert "--optim.lr" in result.stdout and "(default: 5e-06)" in result.stdout and "presets" in result.stdout
     result = subprocess.run([sys.executable, "-m", "dreambooth.cli", "train", "--optim.lrr", "1"], capture_output=True, text=True)
     assert result.returncode == 2 and "--optim.lrr" in result.stderr
+
+
+def test_class_images_command_generates_then_reuses(tiny_sd_dir, tmp_path, capsys):
+    argv = ["class-images", "--model.path", str(tiny_sd_dir), "--concept.instance_dir", str(tmp_path),
+            "--concept.instance_prompt", "a photo of sks dog", "--concept.class_prompt", "a photo of a dog",
+            "--concept.class_dir", str(tmp_path / "dogs"), "--prior.num_class_images", "3",
+            "--prior.num_inference_steps", "2", "--data.resolution", "32"]
+    assert main(argv) == 0
+    files = sorted(p.name for p in (tmp_path / "dogs").glob("*.png"))
+    assert len(files) == 3 and "3 class images" in capsys.readouterr().out
+    assert main(argv) == 0  # second run reuses: same files
+    assert sorted(p.name for p in (tmp_path / "dogs").glob("*.png")) == files

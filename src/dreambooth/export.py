@@ -49,8 +49,8 @@ def _save_lora(comps, folder: Path, with_text_encoder: bool) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.unet))
-    te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.text_encoder)) if with_text_encoder else None
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.unet, save_embedding_layers=False))
+    te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.text_encoder, save_embedding_layers=False)) if with_text_encoder else None
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
                                               weight_name=LORA_WEIGHTS, safe_serialization=True)
 

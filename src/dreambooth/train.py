@@ -80,9 +80,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 2. prior preservation: class images made by the base model itself
     klass = []
     if cfg.prior.enabled:
-        files = [ensure_class_images(cfg.model.path, c.class_dir, _class_settings(cfg, c), user_supplied=c.class_images_user_supplied,
-                                     device=accelerator.device, dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
-                 for c in concepts]
+        with accelerator.main_process_first():  # one process generates; the others then find and reuse the images
+            files = [ensure_class_images(cfg.model.path, c.class_dir, _class_settings(cfg, c),
+                                         user_supplied=c.class_images_user_supplied,
+                                         device=accelerator.device,
+                                         dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
+                     for c in concepts]
         klass = class_examples(files, concepts, cfg.data)
     data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed)
 

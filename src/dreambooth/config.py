@@ -143,6 +143,7 @@ class TrainLoopConfig:
     seed: int = _f(0, "Seed for data order, augmentation, noise and timesteps.")
     resume: bool = _f(False, "Continue from OUTPUT/checkpoints/latest.json.")
     log_every_n_steps: int = _f(1, "Write loss and learning rate to TensorBoard every N steps.")
+    time_phases: bool = _f(False, "Synchronise the GPU between data/forward/backward/optimizer to time each (bench; a bit slower).")
 
 
 @dataclass

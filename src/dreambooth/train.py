@@ -34,6 +34,7 @@ from .models.load import load_components
 from .models.memory import apply_memory_options
 from .models.trainable import freeze_text_encoder, setup_trainable
 from .optim import build_lr_scheduler, build_optimizer
+from .timing import PhaseTimer
 from .validation import Logger, validate
 
 log = logging.getLogger("dreambooth")
@@ -44,6 +45,8 @@ class TrainResult:
     output_dir: Path
     steps: int  # optimizer steps completed, in total
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss, for the steps this call ran
+    step_seconds: dict[int, float] = field(default_factory=dict)  # step -> wall time of the step (excl. saves)
+    phase_seconds: dict[str, list[float]] = field(default_factory=dict)  # data/forward/backward/optimizer per step
     seconds: float = 0.0
     trainable_parameters: int = 0
 
@@ -122,36 +125,45 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 6. the loop
     logger = Logger(out / "logs", enabled=accelerator.is_main_process)
     result = TrainResult(out, start_step, trainable_parameters=trainable.count())
+    timer = PhaseTimer(enabled=True, synchronize=cfg.train.time_phases)
+    result.phase_seconds = timer.seconds
     accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     for m in models:
         m.train()
     bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
                desc="training", disable=not accelerator.is_local_main_process)
     for step in bar:  # `step` optimizer steps are done; this iteration makes step + 1
+        step_start = time.perf_counter()
         if train_te and cfg.text_encoder.stop_step is not None and step == cfg.text_encoder.stop_step:
             freeze_text_encoder(comps, trainable)
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
             # Stream positions of this process's micro-batch: (step, micro, rank) -> disjoint ranges.
             first = ((step * accum + micro) * world + rank) * cfg.train.batch_size
-            batch = data.batch(first, cfg.train.batch_size, with_pixels=latent_cache is None)
             with accelerator.accumulate(*models):
-                with accelerator.autocast():
+                with timer.phase("data"):
+                    batch = data.batch(first, cfg.train.batch_size, with_pixels=latent_cache is None)
+                with timer.phase("forward"), accelerator.autocast():
                     latents = _latents(comps, batch, latent_cache, generator, accelerator)  # (N, 4, H/8, W/8)
                     conditioning = _conditioning(comps, batch, text_cache, accelerator)
                     per_sample = objective.diffusion_loss(comps.unet, comps.noise_scheduler, latents, conditioning, generator,
                                                           cfg.objective.snr_gamma, cfg.objective.offset_noise)  # (N,)
                     loss = objective.combine(per_sample, batch.is_prior, cfg.prior.loss_weight)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_([p for p in trainable.named().values() if p.requires_grad],
-                                                cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)  # frees gradient memory between steps
-            step_loss += loss.detach().item() / accum
+                with timer.phase("backward"):
+                    accelerator.backward(loss)
+                with timer.phase("optimizer"):
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_([p for p in trainable.named().values() if p.requires_grad],
+                                                    cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)  # frees gradient memory between steps
+            step_loss += loss.detach() / accum
+        timer.end_step()
         lr_scheduler.step()
         done = step + 1
+        step_loss = step_loss.item()  # one host sync per step, not per micro-batch
         result.losses[done] = step_loss
+        result.step_seconds[done] = time.perf_counter() - step_start
         result.steps = done
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if done % cfg.train.log_every_n_steps == 0:

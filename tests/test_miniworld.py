@@ -81,3 +81,45 @@ def test_generic_images_are_deterministic_and_varied():
     b = [np.asarray(world.generic_image(s)) for s in range(4)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], a[1])
+
+
+# ---- classifier, recipes and evaluation helpers (no trained weights needed) -------------
+
+def test_classifier_round_trip(tmp_path):
+    import torch
+
+    from dreambooth.miniworld.classifier import HEADS, AttributeClassifier, load_classifier
+
+    torch.manual_seed(0)
+    model = AttributeClassifier(width=8).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    logits = model(x)
+    assert {k: v.shape for k, v in logits.items()} == {k: (3, len(v)) for k, v in HEADS.items()}
+    model.save(tmp_path / "cls")
+    again = load_classifier(tmp_path / "cls")
+    torch.testing.assert_close(again(x)["shape"], logits["shape"], rtol=1e-2, atol=1e-2)  # fp16 on disk
+    assert set(again.predict(x)["subject"]) <= set(world.SUBJECT_LABELS)
+    with pytest.raises(FileNotFoundError, match="--stage classifier"):
+        load_classifier(tmp_path / "missing")
+
+
+def test_classifier_batches_are_deterministic_and_mixed():
+    from dreambooth.miniworld.recipes import build_vae, classifier_batch
+
+    vae = build_vae().eval()
+    x1, y1 = classifier_batch(0, 3, 32, vae, 0.25)
+    x2, y2 = classifier_batch(0, 3, 32, vae, 0.25)
+    assert x1.shape == (32, 3, 32, 32) and bool((x1 == x2).all())
+    assert all(bool((y1[k] == y2[k]).all()) for k in y1)
+    assert len(set(y1["subject"].tolist())) > 1  # subjects and non-subjects in one batch
+
+
+def test_normalised_entropy_and_attribute_prompts():
+    from dreambooth.miniworld.evaluate import attribute_combinations, normalised_entropy
+
+    assert normalised_entropy(["a"] * 10, 6) == 0.0
+    assert normalised_entropy(list("abcdef"), 6) == pytest.approx(1.0)
+    combos = attribute_combinations(24)
+    assert combos == attribute_combinations(24) and len(set(combos)) == 24
+    assert {c[0] for c in combos} == set(world.SHAPES) and {c[1] for c in combos} == set(world.COLOURS)
+    assert {c[2] for c in combos} == set(world.BACKGROUNDS)

@@ -1,0 +1,57 @@
+"""Pretrain the miniature world's models from scratch, one stage at a time.
+
+    python scripts/miniworld_pretrain.py --stage vae --minutes 12         # -> assets/miniworld/base/vae
+    python scripts/miniworld_pretrain.py --stage classifier --minutes 6   # -> assets/miniworld/classifier
+    python scripts/miniworld_pretrain.py --stage base --minutes 40 --tokenizer TOK   # -> assets/miniworld/base
+
+TOK is the full CLIP tokenizer (49,408 tokens, `sks` = 48136), derived from the vocabulary file
+the open-clip-torch wheel ships:
+
+    pip download --no-deps -d /tmp/oc open-clip-torch==3.3.0 && unzip -o -d /tmp/oc /tmp/oc/*.whl '*bpe_simple*'
+    python scripts/make_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz /tmp/clip_tokenizer
+
+Run the stages in this order (the classifier and the base use the VAE). Each stage is
+deterministic for a given `--steps`; with `--minutes` only, it sizes itself to the budget and
+records the step count it chose in assets/miniworld/recipe.json. Runs on one CPU thread by
+default (`--threads`), on CUDA when available.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["vae", "classifier", "base"], required=True)
+    parser.add_argument("--minutes", type=float, default=None, help="time budget; sets the step count after a short probe")
+    parser.add_argument("--steps", type=int, default=None, help="exact number of steps (replays a recorded run)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: under assets/miniworld)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="stage base: CLIP tokenizer folder from scripts/make_clip_tokenizer.py (default: the base's own)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from dreambooth.miniworld import recipes
+
+    if args.minutes is None and args.steps is None:
+        args.minutes = {"vae": 12, "classifier": 6, "base": 40}[args.stage]
+    if args.stage == "vae":
+        info = recipes.train_vae(args.out or recipes.ASSETS / "base" / "vae", args.minutes, args.steps)
+    elif args.stage == "classifier":
+        info = recipes.train_classifier(args.out or recipes.ASSETS / "classifier", minutes=args.minutes, steps=args.steps)
+    else:
+        info = recipes.train_base(args.out or recipes.ASSETS / "base", args.tokenizer, minutes=args.minutes, steps=args.steps)
+    if args.out is None:
+        recipes.record(args.stage, info)
+
+
+if __name__ == "__main__":
+    main()

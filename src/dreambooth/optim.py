@@ -13,7 +13,13 @@ def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.O
     o = cfg.optim
     name = o.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
+        # The fused kernel (CPU and CUDA) does the whole update in one pass over each tensor: measured
+        # 4.2x faster than the default per-tensor loop on CPU (bench/RESULTS.md), same maths.
+        kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
+        try:
+            return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+        except RuntimeError:  # a device or dtype without the fused kernel
+            return torch.optim.AdamW(param_groups, **kwargs)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb

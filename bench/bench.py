@@ -1,0 +1,175 @@
+"""Training speed and memory of the real `dreambooth train` code path, against the hardware's limit.
+
+Builds a named architecture with random weights (speed and memory do not depend on the values),
+writes synthetic photos, and runs `dreambooth.train.train` on it. Prints a table: steps/s,
+samples/s, peak memory, the time split per phase, achieved TFLOP/s and the fraction of a
+measured dense-matmul peak. Class images are synthetic and supplied (generation is excluded,
+as in the R15 workload); latents are cached when augmentation is off, as in training.
+
+    OMP_NUM_THREADS=1 python bench/bench.py --arch tiny --threads 1
+    python bench/bench.py --arch small --threads 2 --steps 30
+    python bench/bench.py --arch sd15 --device cuda --mixed-precision bf16 --train-text-encoder --prior   # R15, GPU
+
+FLOPs are counted once per configuration with torch's FlopCounterMode over one UNet (and text
+encoder, if trained) forward + backward at the run's batch shape; optimizer FLOPs are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def measure_peak_tflops(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Dense matmul throughput on this device/dtype/thread count: the 'physical limit' we compare to."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def count_step_flops(model_dir: Path, batch: int, resolution: int, train_te: bool) -> float:
+    """FLOPs of one forward + backward of the trainable models at the training batch shape."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    down = 8 if resolution >= 128 else 2  # tiny's VAE downsamples by 2, the others by 8
+    latents = torch.randn(batch, 4, resolution // down, resolution // down)
+    ids = torch.randint(0, 100, (batch, 77))
+    with FlopCounterMode(display=False) as counter:
+        te.requires_grad_(train_te)
+        hidden = te(ids)[0]
+        out = unet(latents, torch.randint(0, 1000, (batch,)), encoder_hidden_states=hidden).sample
+        out.float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="tiny", choices=["tiny", "small", "sd15", "sd2"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (state it: timings depend on it)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps after warmup")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--method", default="full", choices=["full", "lora"])
+    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--prior", action="store_true", help="add one class image per subject image (prior preservation)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--resolution", type=int, default=None, help="default: the architecture's")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dreambooth.config import build_config
+    from dreambooth.tiny import ARCHITECTURES, build_sd, write_photos
+    from dreambooth.train import train
+
+    spec = ARCHITECTURES[args.arch]
+    resolution = args.resolution or spec["resolution"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        model = build_sd(tmp / "model", args.arch)
+        build_seconds = time.perf_counter() - t0
+        write_photos(tmp / "photos", 5, seed=0, size=resolution)
+        write_photos(tmp / "class", 5, seed=1, size=resolution)
+        concept = {"instance_dir": str(tmp / "photos"), "instance_prompt": "a photo of sks dog"}
+        if args.prior:
+            concept.update(class_prompt="a photo of a dog", class_dir=str(tmp / "class"), class_images_user_supplied=True)
+        total = args.warmup + args.steps
+        cfg = build_config({
+            "model": {"path": str(model)}, "concept": concept,
+            "data": {"resolution": resolution, "min_size": 8},
+            "prior": {"enabled": args.prior, "num_class_images": 5},
+            "text_encoder": {"train": args.train_text_encoder},
+            "optim": {"optimizer": args.optimizer, "lr": 1e-6},
+            "memory": {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing},
+            "train": {"max_steps": total, "batch_size": args.batch_size, "method": args.method,
+                      "output_dir": str(tmp / "out"), "time_phases": True},
+        })
+        if args.device == "cpu":
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = train(cfg)
+        window = range(args.warmup + 1, total + 1)
+        step_s = statistics.median(result.step_seconds[s] for s in window)
+        phases = {name: statistics.median(values[args.warmup:]) for name, values in result.phase_seconds.items()}
+        samples_per_step = args.batch_size * (2 if args.prior else 1)
+        flops = count_step_flops(model, samples_per_step, resolution, args.train_text_encoder)
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    peak = measure_peak_tflops(args.device, dtype if args.device == "cuda" else torch.float32)
+    figures = {
+        "arch": args.arch, "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "resolution": resolution,
+        "method": args.method, "text_encoder": args.train_text_encoder, "prior": args.prior,
+        "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "optimizer": args.optimizer, "batch_size": args.batch_size, "steps_timed": args.steps,
+        "steps_per_s": 1 / step_s, "samples_per_s": samples_per_step / step_s,
+        "phase_ms": {k: 1000 * v for k, v in phases.items()},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12, "matmul_peak_tflops": peak,
+        "model_build_s": build_seconds, "trainable_parameters": result.trainable_parameters,
+    }
+    if args.device == "cuda":
+        figures["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        figures["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    print_table(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def print_table(f: dict) -> None:
+    rows = [
+        ("architecture", f"{f['arch']} at {f['resolution']} px, {f['method']}, text encoder {'trained' if f['text_encoder'] else 'frozen'}, "
+                         f"prior {'on' if f['prior'] else 'off'}, batch {f['batch_size']}"),
+        ("device", f"{f['device']}, {f['threads']} threads, torch {f['torch']}, precision {f['mixed_precision']}"),
+        ("trainable parameters", f"{f['trainable_parameters']:,}"),
+        ("steps/s (median)", f"{f['steps_per_s']:.3f}"),
+        ("samples/s", f"{f['samples_per_s']:.3f}"),
+        ("time split (ms/step)", ", ".join(f"{k} {v:.1f}" for k, v in f["phase_ms"].items())),
+        ("peak RSS", f"{f['peak_rss_mib']:.0f} MiB (whole process)"),
+    ]
+    if "cuda_max_allocated_gib" in f:
+        rows.append(("CUDA peak", f"{f['cuda_max_allocated_gib']:.2f} GiB allocated, {f['cuda_max_reserved_gib']:.2f} GiB reserved"))
+    rows += [
+        ("FLOP per step", f"{f['tflop_per_step'] * 1e3:.2f} GFLOP (forward + backward)"),
+        ("achieved", f"{f['achieved_tflops'] * 1e3:.2f} GFLOP/s = {100 * f['achieved_tflops'] / f['matmul_peak_tflops']:.1f}% "
+                     f"of the measured matmul peak ({f['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

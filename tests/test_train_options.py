@@ -16,6 +16,8 @@ OPTIONS = {
     "gradient_checkpointing": dict(memory={"gradient_checkpointing": True}),
     "bf16_autocast": dict(memory={"mixed_precision": "bf16"}),
     "adafactor_cosine": dict(optim={"optimizer": "adafactor", "lr_scheduler": "cosine", "lr": 1e-3}),
+    "prodigy": dict(optim={"optimizer": "prodigy", "lr": 1.0}),
+    "lion": dict(optim={"optimizer": "lion", "lr": 1e-4}),
     "lora_unet_only": dict(train={"method": "lora"}, text_encoder={"train": False}),
     "no_prior_frozen_text_encoder": dict(prior={"enabled": False}, concept={"class_prompt": None}, text_encoder={"train": False}),
     "random_crop_and_flip": dict(data={"random_flip": True, "center_crop": False}),

@@ -123,3 +123,43 @@ def test_normalised_entropy_and_attribute_prompts():
     assert combos == attribute_combinations(24) and len(set(combos)) == 24
     assert {c[0] for c in combos} == set(world.SHAPES) and {c[1] for c in combos} == set(world.COLOURS)
     assert {c[2] for c in combos} == set(world.BACKGROUNDS)
+
+
+# ---- the committed assets (skipped until the recipes have been run) -------------------
+
+from dreambooth.miniworld.recipes import ASSETS  # noqa: E402
+
+needs_base = pytest.mark.skipif(not (ASSETS / "base" / "model_index.json").is_file(), reason="assets/miniworld/base not built")
+needs_classifier = pytest.mark.skipif(not (ASSETS / "classifier" / "config.json").is_file(), reason="assets/miniworld/classifier not built")
+
+
+@needs_base
+def test_committed_base_is_an_ordinary_sd_folder():
+    import torch
+
+    from dreambooth.models.load import load_components
+
+    comps = load_components(ASSETS / "base")
+    assert comps.family.name == "sd" and comps.prediction_type == "epsilon"
+    assert len(comps.tokenizer) == 49408 and comps.tokenizer.convert_tokens_to_ids("sks</w>") == 48136
+    assert comps.tokenizer.model_max_length == comps.text_encoder.config.max_position_embeddings == 16
+    assert comps.unet.dtype == comps.text_encoder.dtype == comps.vae.dtype == torch.float32
+    total = sum(p.stat().st_size for p in (ASSETS).rglob("*") if p.is_file())
+    assert total < 25e6, f"assets/miniworld is {total / 1e6:.1f} MB; keep it small"
+
+
+@needs_classifier
+def test_committed_classifier_recognises_every_subject_and_world_images():
+    from dreambooth.miniworld.classifier import load_classifier
+    from dreambooth.miniworld.recipes import images_to_tensor
+
+    model = load_classifier(ASSETS / "classifier")
+    for name in world.SUBJECTS:
+        pred = model.predict(images_to_tensor(world.instance_images(name)))
+        assert pred["subject"] == [name] * 5
+    examples = [world.world_example(50_000_000 + i) for i in range(40)]
+    pred = model.predict(images_to_tensor([e[0] for e in examples]))
+    truth = [e[2] for e in examples]
+    assert pred["subject"] == ["none"] * 40
+    for head, attr in (("shape", "shape"), ("colour", "colour"), ("background", "background")):
+        assert sum(p == getattr(t, attr) for p, t in zip(pred[head], truth)) >= 38, head

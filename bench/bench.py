@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -79,6 +80,13 @@ def main() -> None:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--channels-last", action="store_true", help="memory.channels_last=true")
+    p.add_argument("--compile", action="store_true", help="memory.compile_unet=true (compile time is reported apart)")
+    p.add_argument("--fused-backward", action="store_true", help="optim.fused_backward=true (implies --no-clip)")
+    p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="memory.weights_dtype (bf16 needs --mixed-precision bf16)")
+    p.add_argument("--no-clip", action="store_true", help="optim.max_grad_norm=null")
+    p.add_argument("--preset", default=None, help="a training preset (fast, low-memory, ...) under the other settings")
     p.add_argument("--resolution", type=int, default=None, help="default: the architecture's")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args()
@@ -97,7 +105,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        model = build_sd(tmp / "model", args.arch)
+        # Built in a child process, so that this process's peak RSS is the training run's alone
+        # (imports + load + train), not the random-weight model construction's.
+        build = multiprocessing.get_context("spawn").Process(target=build_sd, args=(tmp / "model", args.arch))
+        build.start()
+        build.join()
+        if build.exitcode:
+            sys.exit(f"building the {args.arch} model failed (exit code {build.exitcode})")
+        model = tmp / "model"
         build_seconds = time.perf_counter() - t0
         write_photos(tmp / "photos", 5, seed=0, size=resolution)
         write_photos(tmp / "class", 5, seed=1, size=resolution)
@@ -105,38 +120,54 @@ def main() -> None:
         if args.prior:
             concept.update(class_prompt="a photo of a dog", class_dir=str(tmp / "class"), class_images_user_supplied=True)
         total = args.warmup + args.steps
+        # Only the flags given on the command line are set, so a --preset's values show through.
+        optim = {"optimizer": args.optimizer, "lr": 1e-6}
+        if args.fused_backward:
+            optim.update(fused_backward=True, max_grad_norm=None)
+        if args.no_clip:
+            optim["max_grad_norm"] = None
+        memory = {k: v for k, v in [("mixed_precision", args.mixed_precision), ("weights_dtype", args.weights_dtype)]
+                  if v != p.get_default(k)}
+        memory.update({k: True for k, on in [("gradient_checkpointing", args.gradient_checkpointing),
+                                              ("channels_last", args.channels_last), ("compile_unet", args.compile)] if on})
         cfg = build_config({
             "model": {"path": str(model)}, "concept": concept,
             "data": {"resolution": resolution, "min_size": 8},
             "prior": {"enabled": args.prior, "num_class_images": 5},
             "text_encoder": {"train": args.train_text_encoder},
-            "optim": {"optimizer": args.optimizer, "lr": 1e-6},
-            "memory": {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing},
+            "optim": optim, "memory": memory,
             "train": {"max_steps": total, "batch_size": args.batch_size, "method": args.method,
                       "output_dir": str(tmp / "out"), "time_phases": True},
+            **({"preset": args.preset} if args.preset else {}),
         })
         if args.device == "cpu":
             os.environ["ACCELERATE_USE_CPU"] = "true"
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result = train(cfg)
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP count loads more
         window = range(args.warmup + 1, total + 1)
         step_s = statistics.median(result.step_seconds[s] for s in window)
         phases = {name: statistics.median(values[args.warmup:]) for name, values in result.phase_seconds.items()}
         samples_per_step = args.batch_size * (2 if args.prior else 1)
         flops = count_step_flops(model, samples_per_step, resolution, args.train_text_encoder)
 
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.memory.mixed_precision]
     peak = measure_peak_tflops(args.device, dtype if args.device == "cuda" else torch.float32)
     figures = {
         "arch": args.arch, "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "resolution": resolution,
         "method": args.method, "text_encoder": args.train_text_encoder, "prior": args.prior,
-        "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-        "optimizer": args.optimizer, "batch_size": args.batch_size, "steps_timed": args.steps,
+        "preset": args.preset, "mixed_precision": cfg.memory.mixed_precision,
+        "gradient_checkpointing": cfg.memory.gradient_checkpointing, "channels_last": cfg.memory.channels_last,
+        "compile_unet": cfg.memory.compile_unet, "weights_dtype": cfg.memory.weights_dtype,
+        "fused_backward": cfg.optim.fused_backward, "max_grad_norm": cfg.optim.max_grad_norm,
+        "optimizer": cfg.optim.optimizer, "batch_size": args.batch_size, "steps_timed": args.steps,
         "steps_per_s": 1 / step_s, "samples_per_s": samples_per_step / step_s,
+        # the first step pays one-off costs (torch.compile's compilation, allocator warm-up)
+        "first_step_s": result.step_seconds[1], "first_step_extra_s": result.step_seconds[1] - step_s,
         "phase_ms": {k: 1000 * v for k, v in phases.items()},
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib,
         "tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12, "matmul_peak_tflops": peak,
         "model_build_s": build_seconds, "trainable_parameters": result.trainable_parameters,
     }
@@ -153,11 +184,15 @@ def print_table(f: dict) -> None:
         ("architecture", f"{f['arch']} at {f['resolution']} px, {f['method']}, text encoder {'trained' if f['text_encoder'] else 'frozen'}, "
                          f"prior {'on' if f['prior'] else 'off'}, batch {f['batch_size']}"),
         ("device", f"{f['device']}, {f['threads']} threads, torch {f['torch']}, precision {f['mixed_precision']}"),
+        ("options", f"preset {f['preset']}, weights {f['weights_dtype']}, channels_last {f['channels_last']}, "
+                    f"compile {f['compile_unet']}, fused_backward {f['fused_backward']}, "
+                    f"checkpointing {f['gradient_checkpointing']}, clip {f['max_grad_norm']}, {f['optimizer']}"),
         ("trainable parameters", f"{f['trainable_parameters']:,}"),
         ("steps/s (median)", f"{f['steps_per_s']:.3f}"),
         ("samples/s", f"{f['samples_per_s']:.3f}"),
+        ("first step", f"{f['first_step_s']:.2f} s ({f['first_step_extra_s']:.2f} s over a steady step: compile, warm-up)"),
         ("time split (ms/step)", ", ".join(f"{k} {v:.1f}" for k, v in f["phase_ms"].items())),
-        ("peak RSS", f"{f['peak_rss_mib']:.0f} MiB (whole process)"),
+        ("peak RSS", f"{f['peak_rss_mib']:.0f} MiB (training process: imports, load, train; model built apart)"),
     ]
     if "cuda_max_allocated_gib" in f:
         rows.append(("CUDA peak", f"{f['cuda_max_allocated_gib']:.2f} GiB allocated, {f['cuda_max_reserved_gib']:.2f} GiB reserved"))

@@ -98,6 +98,11 @@ class OptimConfig:
         "constant", "Learning-rate schedule (diffusers' get_scheduler).")
     warmup_steps: int = _f(0, "Linear warmup steps.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value; null = no clipping.")
+    fused_backward: bool = _f(
+        False, "Step the optimizer inside the backward pass, one parameter at a time, as soon as its gradient is "
+        "ready, then free that gradient: only one parameter's gradient lives at a time (saves the memory of all "
+        "gradients; same AdamW maths). Needs optim.max_grad_norm=null (global-norm clipping needs every gradient "
+        "at once) and train.gradient_accumulation_steps=1; one process only.")
 
 
 @dataclass
@@ -107,6 +112,14 @@ class MemoryConfig:
     attention: Literal["sdpa", "xformers"] = _f("sdpa", "Attention kernel: PyTorch SDPA (memory-efficient, default) or xFormers.")
     cache_latents: Optional[bool] = _f(None, "Encode each image with the VAE once. Default: on when augmentation is off.")
     cache_text_embeddings: Optional[bool] = _f(None, "Encode each prompt once. Default: on when the text encoder is frozen.")
+    channels_last: bool = _f(False, "Keep the UNet's 4-D weights in channels_last (NHWC) memory format: faster "
+                             "convolutions on GPUs with tensor cores (bench/RESULTS.md has the CPU figures).")
+    compile_unet: bool = _f(False, "torch.compile the UNet (inductor): the first steps pay the compile time "
+                            "(seconds to minutes), later steps run faster; needs a C++ compiler on CPU.")
+    weights_dtype: Literal["fp32", "bf16"] = _f(
+        "fp32", "Storage dtype of the trained model's weights. bf16 halves weight and gradient memory; the AdamW "
+        "update is computed in fp32 and added with stochastic rounding (round-to-nearest would drop the tiny "
+        "DreamBooth-sized updates). Needs memory.mixed_precision=bf16 and optim.optimizer=adamw.")
 
 
 @dataclass
@@ -227,6 +240,25 @@ class TrainConfig:
             raise DreamBoothError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         if self.objective.snr_gamma is not None and self.objective.snr_gamma <= 0:
             raise DreamBoothError(f"objective.snr_gamma must be positive (5.0 is the paper's value), got {self.objective.snr_gamma}")
+        if self.optim.fused_backward:
+            if self.optim.max_grad_norm is not None:
+                raise DreamBoothError(f"optim.fused_backward=true cannot be used with optim.max_grad_norm={self.optim.max_grad_norm} "
+                                      "(global-norm clipping needs every gradient at once, but each parameter is stepped "
+                                      "as soon as its own gradient is ready): set optim.max_grad_norm=null")
+            if self.train.gradient_accumulation_steps != 1:
+                raise DreamBoothError("optim.fused_backward=true cannot be used with train.gradient_accumulation_steps="
+                                      f"{self.train.gradient_accumulation_steps} (each backward pass steps the optimizer): "
+                                      "set train.gradient_accumulation_steps=1 and raise train.batch_size instead")
+            if self.memory.mixed_precision == "fp16":
+                raise DreamBoothError("optim.fused_backward=true cannot be used with memory.mixed_precision=fp16 (the fp16 "
+                                      "loss scaler must see all gradients before any step): use memory.mixed_precision=bf16")
+        if self.memory.weights_dtype == "bf16":
+            if self.memory.mixed_precision != "bf16":
+                raise DreamBoothError("memory.weights_dtype=bf16 needs memory.mixed_precision=bf16 (the model computes in "
+                                      f"bf16), got memory.mixed_precision={self.memory.mixed_precision}")
+            if self.optim.optimizer != "adamw":
+                raise DreamBoothError("memory.weights_dtype=bf16 needs optim.optimizer=adamw (AdamW with stochastic "
+                                      f"rounding), got optim.optimizer={self.optim.optimizer}")
         if self.validation.every_n_steps and not self.validation.prompts:
             raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
         return self

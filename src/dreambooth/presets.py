@@ -36,6 +36,31 @@ TRAIN_PRESETS: dict[str, dict[str, object]] = {
         "train.gradient_accumulation_steps": 4,
         "data.random_flip": True,
     },
+    # Speed and memory presets (issue 4). Measured costs: bench/RESULTS.md. Both also run on a CPU;
+    # settings that only pay off on a GPU are left for the user to add there (see each note).
+    #
+    # fast: the most steps/s on a large GPU. The UNet is compiled (torch.compile; the first steps
+    # pay the compile time) and kept in channels_last, the layout tensor-core convolutions want.
+    # Latent and text-embedding caching, SDPA attention and the fused AdamW kernel are on by
+    # default already. On a GPU also add memory.mixed_precision=bf16 (on a CPU without bf16 matrix
+    # units it is slower), and memory.attention=xformers if xFormers is installed.
+    "fast": {
+        "memory.compile_unet": True,
+        "memory.channels_last": True,
+    },
+    # low-memory: the smallest peak without CPU offload. Gradient checkpointing keeps only block
+    # boundaries' activations; the optimizer steps inside backward so that one parameter's
+    # gradient lives at a time (which rules out global-norm clipping and gradient accumulation);
+    # the trained weights are stored in bf16 with stochastic-rounding AdamW (2 bytes per weight
+    # and per gradient instead of 4; the AdamW moments stay fp32, 8 bytes per weight), computed
+    # under bf16 autocast. Below this: DeepSpeed ZeRO-2 with CPU offload through accelerate.
+    "low-memory": {
+        "memory.gradient_checkpointing": True,
+        "memory.mixed_precision": "bf16",
+        "memory.weights_dtype": "bf16",
+        "optim.fused_backward": True,
+        "optim.max_grad_norm": None,
+    },
 }
 
 # Sampling presets for `dreambooth sample --preset`. "overfit": the blog found that when a model

@@ -33,7 +33,7 @@ from .export import export
 from .models.load import load_components
 from .models.memory import apply_memory_options
 from .models.trainable import freeze_text_encoder, setup_trainable
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import OptimizerInBackward, build_lr_scheduler, build_optimizer
 from .timing import PhaseTimer
 from .validation import Logger, validate
 
@@ -64,6 +64,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.memory.mixed_precision,
                               gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if cfg.optim.fused_backward and accelerator.num_processes > 1:
+        raise DreamBoothError("optim.fused_backward=true steps each parameter before the gradients are averaged "
+                              f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")
 
     # 1. settings, model and photos - every input error surfaces here, before any training
     comps = load_components(cfg.model.path, cfg.model.family)
@@ -99,8 +102,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     groups = [{"params": list(trainable.unet.values()), "lr": cfg.optim.lr}]
     if trainable.text_encoder:
         groups.append({"params": list(trainable.text_encoder.values()), "lr": cfg.text_encoder.lr or cfg.optim.lr})
-    optimizer = build_optimizer(groups, cfg)
+    optimizer = build_optimizer(groups, cfg)  # with optim.fused_backward it steps inside backward()
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
     train_te = bool(trainable.text_encoder)
     _place(comps.vae, accelerator.device, weight_dtype)
     if train_te:
@@ -155,7 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
                         accelerator.clip_grad_norm_([p for p in trainable.named().values() if p.requires_grad],
                                                     cfg.optim.max_grad_norm)
-                    optimizer.step()
+                    optimizer.step()  # optim.fused_backward: already done, parameter by parameter
                     optimizer.zero_grad(set_to_none=True)  # frees gradient memory between steps
             step_loss += loss.detach() / accum
         timer.end_step()
@@ -178,6 +182,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
             _validate(comps, cfg, accelerator, models, logger, done)
     bar.close()
+    if in_backward is not None:
+        in_backward.remove_hooks()  # the trained model leaves train() as a plain module
 
     accelerator.wait_for_everyone()
     comps.unet = accelerator.unwrap_model(comps.unet)

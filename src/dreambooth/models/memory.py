@@ -1,10 +1,12 @@
-"""Memory and speed switches: gradient checkpointing and the attention kernel.
+"""Memory and speed switches: gradient checkpointing, the attention kernel, memory format, compile.
 
 Each is opt-in and named for what it does (STYLE rule 12). Latent and text-embedding caching live
 in the training recipe because they change what the loop feeds the model, not the model.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..config import TrainConfig
 from ..errors import DreamBoothError
@@ -25,3 +27,9 @@ def apply_memory_options(comps: Components, cfg: TrainConfig) -> None:
                                   "or use memory.attention=sdpa, which is as memory-efficient on PyTorch >= 2") from None
         comps.unet.enable_xformers_memory_efficient_attention()
     # "sdpa": diffusers' default attention processor already calls torch's scaled_dot_product_attention.
+    if cfg.memory.channels_last:
+        # NHWC weights; convolutions then produce NHWC activations (tensor-core friendly on GPUs).
+        comps.unet.to(memory_format=torch.channels_last)
+    if cfg.memory.compile_unet:
+        # In place (nn.Module.compile): the module keeps its class, parameter names and save_pretrained.
+        comps.unet.compile()

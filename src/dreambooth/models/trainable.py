@@ -42,9 +42,17 @@ def setup_trainable(comps: Components, cfg: TrainConfig) -> Trainable:
     """Unfreeze (full) or add adapters to (lora) the UNet and, if asked, the text encoder.
 
     Trainable weights are kept in fp32 even under mixed precision: fp16/bf16 cannot represent
-    DreamBooth-sized updates (an lr of 1e-6 moves a weight far less than bf16's resolution).
+    DreamBooth-sized updates (an lr of 1e-6 moves a weight far less than bf16's resolution) when
+    they are rounded to nearest. memory.weights_dtype=bf16 stores the trained models (UNet, and the
+    text encoder when it trains) in bf16 instead, and the optimizer adds each update with
+    stochastic rounding (bf16_adamw.py), which keeps those updates in expectation.
     """
     lora = cfg.train.method == "lora"
+    dtype = torch.bfloat16 if cfg.memory.weights_dtype == "bf16" else torch.float32
+    if dtype != torch.float32:
+        comps.unet.to(dtype)
+        if cfg.text_encoder.train:
+            comps.text_encoder.to(dtype)
     if lora:
         comps.unet.add_adapter(_lora_config(cfg, cfg.lora.unet_targets))
     else:
@@ -57,7 +65,7 @@ def setup_trainable(comps: Components, cfg: TrainConfig) -> Trainable:
     unet = {n: p for n, p in comps.unet.named_parameters() if p.requires_grad}
     text_encoder = {n: p for n, p in comps.text_encoder.named_parameters() if p.requires_grad}
     for p in list(unet.values()) + list(text_encoder.values()):
-        p.data = p.data.float()
+        p.data = p.data.to(dtype)
     return Trainable(unet, text_encoder)
 
 

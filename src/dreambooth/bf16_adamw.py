@@ -1,0 +1,91 @@
+"""AdamW for bf16 weights: the update is computed in fp32 and added with stochastic rounding.
+
+Why: bf16 keeps 8 significant bits, so a weight near 0.05 can only move in steps of 2.4e-4. A
+DreamBooth-sized AdamW update (lr ~1e-6, so |update| ~1e-6) is far below half that spacing, and
+round-to-nearest returns the old weight every time: training silently does nothing.
+Stochastic rounding rounds up with probability (x - down) / (up - down), so the stored weight is
+x *in expectation* and a thousand tiny updates add up to what fp32 would have given (Gupta et al.
+2015, "Deep Learning with Limited Numerical Precision"; Zamirai et al. 2020, "Revisiting
+BFloat16 Training"). `tests/test_speed_modes.py` shows both halves of that claim.
+
+The moments (exp_avg, exp_avg_sq) stay fp32, so the memory per weight is 2 (weight) + 2
+(gradient) + 8 (moments) bytes instead of 16. The random bits come from torch's global RNG on the
+weight's device, which every checkpoint saves, so a resumed run draws the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def stochastic_round_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Write fp32 `source` into bf16 `target`, rounding to one of its two bf16 neighbours at random.
+
+    bf16 is the top 16 bits of fp32. Adding a uniform random integer in [0, 2^16) to the fp32 bit
+    pattern and clearing the low 16 bits rounds the magnitude up exactly when the random number
+    exceeds the distance to the next bf16 value: up with probability (|x| - down) / ulp.
+    """
+    bits = source.float().view(torch.int32)  # same storage, fp32 bit pattern
+    noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device)
+    rounded = (bits + noise) & -65536  # -65536 == 0xFFFF0000: keep sign, exponent, 7 mantissa bits
+    return target.copy_(rounded.view(torch.float32))  # exact: the dropped bits are zero
+
+
+class AdamWStochasticRounding(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter 2019, decoupled weight decay) for weights of any float dtype.
+
+    fp32 weights are updated in place exactly as torch.optim.AdamW does. For bf16 weights the
+    weight, gradient and moments are read in fp32, the AdamW update is applied in fp32, and the
+    result is written back with `stochastic_round_` (or round-to-nearest with
+    `stochastic_rounding=False`, kept for the test that shows what it loses). State keys match
+    torch.optim.AdamW's ("step", "exp_avg", "exp_avg_sq").
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, stochastic_rounding: bool = True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      stochastic_rounding=stochastic_rounding))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to each weight's dtype on load; the moments are fp32 by
+        # design, so put the saved fp32 tensors back rather than keep a bf16-rounded copy.
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.state[params[index]][key] = saved[key].to(device=params[index].device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                grad = p.grad.float()
+                weight = p if p.dtype == torch.float32 else p.float()  # fp32: in place; bf16: an fp32 copy
+                weight.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+                if weight is not p:
+                    if group["stochastic_rounding"]:
+                        stochastic_round_(p, weight)
+                    else:
+                        p.copy_(weight)  # round-to-nearest
+        return loss

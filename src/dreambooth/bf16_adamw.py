@@ -15,9 +15,8 @@ weight's device, which every checkpoint saves, so a resumed run draws the same b
 
 from __future__ import annotations
 
-import math
-
 import torch
+from torch.optim.adamw import adamw
 
 
 def stochastic_round_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -36,11 +35,12 @@ def stochastic_round_(target: torch.Tensor, source: torch.Tensor) -> torch.Tenso
 class AdamWStochasticRounding(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019, decoupled weight decay) for weights of any float dtype.
 
-    fp32 weights are updated in place exactly as torch.optim.AdamW does. For bf16 weights the
-    weight, gradient and moments are read in fp32, the AdamW update is applied in fp32, and the
-    result is written back with `stochastic_round_` (or round-to-nearest with
-    `stochastic_rounding=False`, kept for the test that shows what it loses). State keys match
-    torch.optim.AdamW's ("step", "exp_avg", "exp_avg_sq").
+    The update is torch's own AdamW (its functional `adamw`, fused kernel on CPU and CUDA), so fp32
+    weights are updated in place exactly as torch.optim.AdamW(fused=True) does. For bf16 weights
+    the weight and gradient are copied to fp32 one tensor at a time, the update is applied to the
+    copy, and the result is written back with `stochastic_round_` (or round-to-nearest with
+    `stochastic_rounding=False`, kept for the test that shows what it loses). State keys and
+    layout match torch.optim.AdamW's ("step", "exp_avg", "exp_avg_sq").
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -64,25 +64,20 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
+                if not state:  # as torch.optim.AdamW(fused=True) lays its state out
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad.float()
                 weight = p if p.dtype == torch.float32 else p.float()  # fp32: in place; bf16: an fp32 copy
-                weight.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+                # torch's AdamW maths in one pass over the tensor (its fused kernel; it counts the step)
+                adamw([weight], [p.grad.float()], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                      fused=p.device.type in ("cpu", "cuda"), amsgrad=False, beta1=group["betas"][0],
+                      beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                      maximize=False)
                 if weight is not p:
                     if group["stochastic_rounding"]:
                         stochastic_round_(p, weight)

@@ -112,10 +112,11 @@ class MemoryConfig:
     attention: Literal["sdpa", "xformers"] = _f("sdpa", "Attention kernel: PyTorch SDPA (memory-efficient, default) or xFormers.")
     cache_latents: Optional[bool] = _f(None, "Encode each image with the VAE once. Default: on when augmentation is off.")
     cache_text_embeddings: Optional[bool] = _f(None, "Encode each prompt once. Default: on when the text encoder is frozen.")
-    channels_last: bool = _f(False, "Keep the UNet's 4-D weights in channels_last (NHWC) memory format: faster "
-                             "convolutions on GPUs with tensor cores (bench/RESULTS.md has the CPU figures).")
-    compile_unet: bool = _f(False, "torch.compile the UNet (inductor): the first steps pay the compile time "
-                            "(seconds to minutes), later steps run faster; needs a C++ compiler on CPU.")
+    channels_last: bool = _f(False, "Keep the UNet's 4-D weights in channels_last (NHWC) memory format, the layout "
+                             "GPU tensor-core convolutions prefer (on CPU it measured no faster: bench/RESULTS.md).")
+    compile_unet: bool = _f(False, "torch.compile the UNet (inductor). The first step pays the compile time (4 s "
+                            "with a warm cache to over 2 minutes cold on one CPU thread); on CPU the compiled steps "
+                            "measured 0.91-1.04x of eager, the GPU effect is unmeasured. Needs a C++ compiler on CPU.")
     weights_dtype: Literal["fp32", "bf16"] = _f(
         "fp32", "Storage dtype of the trained model's weights. bf16 halves weight and gradient memory; the AdamW "
         "update is computed in fp32 and added with stochastic rounding (round-to-nearest would drop the tiny "

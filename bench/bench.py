@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("--fused-backward", action="store_true", help="optim.fused_backward=true (implies --no-clip)")
     p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="memory.weights_dtype (bf16 needs --mixed-precision bf16)")
+    p.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="optim.moments_dtype (bf16 needs --weights-dtype bf16)")
     p.add_argument("--no-clip", action="store_true", help="optim.max_grad_norm=null")
     p.add_argument("--preset", default=None, help="a training preset (fast, low-memory, ...) under the other settings")
     p.add_argument("--resolution", type=int, default=None, help="default: the architecture's")
@@ -126,6 +128,8 @@ def main() -> None:
             optim.update(fused_backward=True, max_grad_norm=None)
         if args.no_clip:
             optim["max_grad_norm"] = None
+        if args.moments_dtype != "fp32":
+            optim["moments_dtype"] = args.moments_dtype
         memory = {k: v for k, v in [("mixed_precision", args.mixed_precision), ("weights_dtype", args.weights_dtype)]
                   if v != p.get_default(k)}
         memory.update({k: True for k, on in [("gradient_checkpointing", args.gradient_checkpointing),
@@ -161,6 +165,7 @@ def main() -> None:
         "preset": args.preset, "mixed_precision": cfg.memory.mixed_precision,
         "gradient_checkpointing": cfg.memory.gradient_checkpointing, "channels_last": cfg.memory.channels_last,
         "compile_unet": cfg.memory.compile_unet, "weights_dtype": cfg.memory.weights_dtype,
+        "moments_dtype": cfg.optim.moments_dtype,
         "fused_backward": cfg.optim.fused_backward, "max_grad_norm": cfg.optim.max_grad_norm,
         "optimizer": cfg.optim.optimizer, "batch_size": args.batch_size, "steps_timed": args.steps,
         "steps_per_s": 1 / step_s, "samples_per_s": samples_per_step / step_s,
@@ -184,7 +189,8 @@ def print_table(f: dict) -> None:
         ("architecture", f"{f['arch']} at {f['resolution']} px, {f['method']}, text encoder {'trained' if f['text_encoder'] else 'frozen'}, "
                          f"prior {'on' if f['prior'] else 'off'}, batch {f['batch_size']}"),
         ("device", f"{f['device']}, {f['threads']} threads, torch {f['torch']}, precision {f['mixed_precision']}"),
-        ("options", f"preset {f['preset']}, weights {f['weights_dtype']}, channels_last {f['channels_last']}, "
+        ("options", f"preset {f['preset']}, weights {f['weights_dtype']}, moments {f['moments_dtype']}, "
+                    f"channels_last {f['channels_last']}, "
                     f"compile {f['compile_unet']}, fused_backward {f['fused_backward']}, "
                     f"checkpointing {f['gradient_checkpointing']}, clip {f['max_grad_norm']}, {f['optimizer']}"),
         ("trainable parameters", f"{f['trainable_parameters']:,}"),

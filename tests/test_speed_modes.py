@@ -120,6 +120,7 @@ def test_fused_backward_steps_during_backward_and_frees_each_gradient():
     ({"memory": {"weights_dtype": "bf16"}}, "memory.mixed_precision"),
     ({"memory": {"weights_dtype": "bf16", "mixed_precision": "bf16"}, "optim": {"optimizer": "adafactor"}},
      "optim.optimizer"),
+    ({"optim": {"moments_dtype": "bf16"}}, "memory.weights_dtype"),
 ])
 def test_refused_combinations_name_the_keys(tiny_sd_dir, photos, tmp_path, settings, keys):
     with pytest.raises(DreamBoothError, match=keys):
@@ -134,15 +135,16 @@ def test_fused_backward_equals_adamw_bitwise(tiny_sd_dir, photos, tmp_path):
     assert list(fused.losses.values()) == list(plain.losses.values())
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16"])
-def test_fused_backward_resume_is_exact(tiny_sd_dir, photos, tmp_path, monkeypatch, weights):
+@pytest.mark.parametrize("weights, moments", [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")])
+def test_fused_backward_resume_is_exact(tiny_sd_dir, photos, tmp_path, monkeypatch, weights, moments):
     """6 steps in one go == 2 steps, a crash, a resume, 4 more: bitwise-equal losses and weights.
 
-    bf16: the stochastic-rounding bits come from torch's global RNG, which the checkpoint restores.
+    bf16: the stochastic-rounding bits come from torch's global RNG, which the checkpoint restores,
+    and the moments come back in their own dtype (torch would recast them to the weights').
     """
     memory = {"weights_dtype": "bf16", "mixed_precision": "bf16"} if weights == "bf16" else {}
     settings = dict(train={"max_steps": 6}, checkpoint={"every_n_steps": 2}, text_encoder={"stop_step": 3},
-                    optim={"max_grad_norm": None, "fused_backward": True}, memory=memory)
+                    optim={"max_grad_norm": None, "fused_backward": True, "moments_dtype": moments}, memory=memory)
     continuous = train(make_cfg(tiny_sd_dir, photos, tmp_path / "a", **settings))
     out = tmp_path / "b"
     shutil.copytree(tmp_path / "a" / "class_images", out / "class_images")
@@ -165,8 +167,8 @@ QUALITY_LR = 1e-4  # constant; small enough that bf16 round-to-nearest drops mos
 WINDOW = 20  # steps per moving-average point
 TOLERANCE = 0.02  # max |moving average - fp32's| / fp32's, over all 81 points
 # Measured (torch 2.13 CPU, 1 thread): channels_last, fused_backward and preset fast < 0.0001
-# (fused_backward is bitwise equal); bf16 weights 0.0005; preset low-memory 0.0010; the
-# round-to-nearest control 0.40, so the guard separates a broken mode by 400x its margin.
+# (fused_backward is bitwise equal); bf16 weights 0.0005; preset low-memory (bf16 weights and
+# moments) 0.0009; the round-to-nearest control 0.40, 20x the tolerance.
 
 MODES = {
     "channels_last": {"memory": {"channels_last": True}},

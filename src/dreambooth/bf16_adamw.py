@@ -41,21 +41,26 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
     copy, and the result is written back with `stochastic_round_` (or round-to-nearest with
     `stochastic_rounding=False`, kept for the test that shows what it loses). State keys and
     layout match torch.optim.AdamW's ("step", "exp_avg", "exp_avg_sq").
+
+    `moments_dtype=torch.bfloat16` stores the two moments in bf16 too (4 instead of 8 bytes per
+    weight), read in fp32 and written back the same way: with beta2 = 0.999 each step changes
+    exp_avg_sq by 0.1%, below bf16's resolution (0.4%), so it also needs stochastic rounding.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, stochastic_rounding: bool = True):
+                 weight_decay: float = 1e-2, stochastic_rounding: bool = True, moments_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       stochastic_rounding=stochastic_rounding))
+        self.moments_dtype = moments_dtype
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating-point state to each weight's dtype on load; the moments are fp32 by
-        # design, so put the saved fp32 tensors back rather than keep a bf16-rounded copy.
+        # torch casts floating-point state to each weight's dtype on load; the moments keep their
+        # own dtype by design, so put the saved tensors back rather than a recast copy.
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
             for key in ("exp_avg", "exp_avg_sq"):
-                self.state[params[index]][key] = saved[key].to(device=params[index].device, dtype=torch.float32)
+                self.state[params[index]][key] = saved[key].to(device=params[index].device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,17 +75,20 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:  # as torch.optim.AdamW(fused=True) lays its state out
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                weight = p if p.dtype == torch.float32 else p.float()  # fp32: in place; bf16: an fp32 copy
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                # fp32 tensors are updated in place; others through an fp32 copy, written back below
+                stored = [p, state["exp_avg"], state["exp_avg_sq"]]
+                weight, exp_avg, exp_avg_sq = [t if t.dtype == torch.float32 else t.float() for t in stored]
                 # torch's AdamW maths in one pass over the tensor (its fused kernel; it counts the step)
-                adamw([weight], [p.grad.float()], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                adamw([weight], [p.grad.float()], [exp_avg], [exp_avg_sq], [], [state["step"]],
                       fused=p.device.type in ("cpu", "cuda"), amsgrad=False, beta1=group["betas"][0],
                       beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                       maximize=False)
-                if weight is not p:
-                    if group["stochastic_rounding"]:
-                        stochastic_round_(p, weight)
-                    else:
-                        p.copy_(weight)  # round-to-nearest
+                for target, value in zip(stored, (weight, exp_avg, exp_avg_sq)):
+                    if value is not target:
+                        if group["stochastic_rounding"]:
+                            stochastic_round_(target, value)
+                        else:
+                            target.copy_(value)  # round-to-nearest
         return loss

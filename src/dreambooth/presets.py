@@ -53,17 +53,18 @@ TRAIN_PRESETS: dict[str, dict[str, object]] = {
     # low-memory: the smallest peak without CPU offload. Gradient checkpointing keeps only block
     # boundaries' activations; the optimizer steps inside backward so that one parameter's
     # gradient lives at a time (which rules out global-norm clipping and gradient accumulation);
-    # the trained weights are stored in bf16 with stochastic-rounding AdamW (2 bytes per weight
-    # and per gradient instead of 4; the AdamW moments stay fp32, 8 bytes per weight), computed
-    # under bf16 autocast. Below this: DeepSpeed ZeRO-2 with CPU offload through accelerate.
-    # Measured on CPU (1 thread, tiny / small): 0.36x / 0.51x the default's steps/s; the loss
-    # curve stays within 0.1% of fp32 AdamW's (tests/test_speed_modes.py). By arithmetic, SD 1.5
-    # weights + gradients + moments fall from 15.7 GB to 9.9 GB: the fp32 AdamW moments (7.9 GB)
-    # are what is left, so 8 GB for SD 1.5 needs 8-bit or factored moments on top.
+    # the trained weights and AdamW's two moments are stored in bf16 and updated in fp32 with
+    # stochastic rounding (2 + 4 bytes per weight instead of 4 + 8), computed under bf16
+    # autocast. Below this: DeepSpeed ZeRO-2 with CPU offload through accelerate.
+    # Measured on CPU (1 thread): bench/RESULTS.md; the loss curve stays within 2% of fp32
+    # AdamW's (tests/test_speed_modes.py). By arithmetic, SD 1.5's UNet + text encoder weights,
+    # gradients and moments fall from 15.7 GB to 6.0 GB; activations come on top (unmeasured
+    # here: that needs a lent GPU).
     "low-memory": {
         "memory.gradient_checkpointing": True,
         "memory.mixed_precision": "bf16",
         "memory.weights_dtype": "bf16",
+        "optim.moments_dtype": "bf16",
         "optim.fused_backward": True,
         "optim.max_grad_norm": None,
     },

@@ -163,3 +163,17 @@ def test_committed_classifier_recognises_every_subject_and_world_images():
     assert pred["subject"] == ["none"] * 40
     for head, attr in (("shape", "shape"), ("colour", "colour"), ("background", "background")):
         assert sum(p == getattr(t, attr) for p, t in zip(pred[head], truth)) >= 38, head
+
+
+@needs_base
+def test_dreambooth_train_fine_tunes_the_committed_base(tmp_path):
+    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.train import train
+
+    world.write_instance_images("banded_heart", tmp_path / "instance_images")
+    cfg = demo_config(tmp_path, "banded_heart", ASSETS / "base",
+                      {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2})
+    result = train(cfg)
+    assert result.steps == 2 and all(v == v for v in result.losses.values())
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert len(list((tmp_path / "class_images").glob("*.png"))) == 2

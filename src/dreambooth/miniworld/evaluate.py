@@ -8,7 +8,8 @@ With fixed seeds, for one held-out subject:
   subject AND the requested background, for the subject's held-out backgrounds (CLIP-T);
 - class drift: share of "a photo of a toy" images that turn into the subject (the paper's PRES);
 - class diversity: normalised entropy of the predicted shape and colour over "a photo of a toy"
-  images (the paper's DIV; 1.0 = uniform over the world's 6 shapes / 6 colours);
+  images (the paper's DIV; 1.0 = uniform over the world's 6 shapes / 6 colours; above 1.0 means
+  predictions also spread over the subjects' shapes or patterns);
 - prompt following: on fixed attribute prompts ("a photo of a red star toy on a gray
   background"), how often the requested shape, colour, background, and all three appear. On the
   base this is the base's quality; after DreamBooth, what fine-tuning cost the rest of the world.

@@ -466,6 +466,9 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
     shutil.rmtree(out_dir / "tokenizer")
     write_tokenizer(tmp_tok, out_dir / "tokenizer")  # only vocab.json + merges.txt, as SD ships it
     shutil.rmtree(tmp_tok)
+    vae_config = out_dir / "vae" / "config.json"  # drop the machine-specific path from_pretrained recorded
+    vae_config.write_text(json.dumps({k: v for k, v in json.loads(vae_config.read_text()).items() if k != "_name_or_path"},
+                                     indent=2, sort_keys=True) + "\n")
     save_fp16(out_dir)
     info = {"recipe": asdict(recipe), "steps": total[0], "train_seconds": round(train_seconds),
             "total_seconds": round(time.time() - t_start), "final_loss": round(float(np.mean(losses[-200:])), 4),

@@ -40,7 +40,7 @@ MUST_MATCH = (
     "lora", "text_encoder.train", "text_encoder.lr", "text_encoder.stop_step", "optim.optimizer", "optim.lr", "optim.beta1",
     "optim.beta2", "optim.weight_decay", "optim.eps", "optim.lr_scheduler", "optim.warmup_steps", "optim.max_grad_norm",
     "objective", "train.method", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
-    "memory.mixed_precision",
+    "memory.mixed_precision", "memory.weights_dtype", "optim.moments_dtype", "optim.fused_backward",
 )
 
 

@@ -138,6 +138,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                desc="training", disable=not accelerator.is_local_main_process)
     for step in bar:  # `step` optimizer steps are done; this iteration makes step + 1
         step_start = time.perf_counter()
+        # Noise, timesteps and latent samples of this step and process come from a generator seeded by
+        # (seed, step, rank): processes never share noise, and a resume needs only the step number.
+        generator.manual_seed(cfg.train.seed * 1_000_003 + step * world + rank)
         if train_te and cfg.text_encoder.stop_step is not None and step == cfg.text_encoder.stop_step:
             freeze_text_encoder(comps, trainable)
         step_loss = torch.zeros((), device=accelerator.device)

@@ -179,7 +179,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    preset: Optional[str] = _f(None, "Start from a preset (object, face, style); any field given explicitly overrides it.")
+    preset: Optional[str] = _f(None, "Start from a preset (object, face, style, fast, low-memory); any field given explicitly overrides it.")
 
     # ---- derived settings -------------------------------------------------------------
     def resolved_concepts(self) -> list[ConceptConfig]:

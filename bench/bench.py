@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--prior", action="store_true", help="add one class image per subject image (prior preservation)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-levels", type=int, default=0,
+                   help="with --gradient-checkpointing: only the N highest-resolution UNet levels (memory.checkpoint_levels)")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--channels-last", action="store_true", help="memory.channels_last=true")
     p.add_argument("--compile", action="store_true", help="memory.compile_unet=true (compile time is reported apart)")
@@ -91,6 +93,8 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="a training preset (fast, low-memory, ...) under the other settings")
     p.add_argument("--resolution", type=int, default=None, help="default: the architecture's")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--no-flops", action="store_true",
+                   help="skip the FLOP count (a full-activation fp32 forward + backward: sd15 at 512 px needs ~20 GB on CPU)")
     args = p.parse_args()
 
     if args.threads:
@@ -134,6 +138,8 @@ def main() -> None:
                   if v != p.get_default(k)}
         memory.update({k: True for k, on in [("gradient_checkpointing", args.gradient_checkpointing),
                                               ("channels_last", args.channels_last), ("compile_unet", args.compile)] if on})
+        if args.checkpoint_levels:
+            memory["checkpoint_levels"] = args.checkpoint_levels
         cfg = build_config({
             "model": {"path": str(model)}, "concept": concept,
             "data": {"resolution": resolution, "min_size": 8},
@@ -154,7 +160,7 @@ def main() -> None:
         step_s = statistics.median(result.step_seconds[s] for s in window)
         phases = {name: statistics.median(values[args.warmup:]) for name, values in result.phase_seconds.items()}
         samples_per_step = args.batch_size * (2 if args.prior else 1)
-        flops = count_step_flops(model, samples_per_step, resolution, args.train_text_encoder)
+        flops = None if args.no_flops else count_step_flops(model, samples_per_step, resolution, args.train_text_encoder)
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.memory.mixed_precision]
     peak = measure_peak_tflops(args.device, dtype if args.device == "cuda" else torch.float32)
@@ -163,7 +169,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "resolution": resolution,
         "method": args.method, "text_encoder": args.train_text_encoder, "prior": args.prior,
         "preset": args.preset, "mixed_precision": cfg.memory.mixed_precision,
-        "gradient_checkpointing": cfg.memory.gradient_checkpointing, "channels_last": cfg.memory.channels_last,
+        "gradient_checkpointing": cfg.memory.gradient_checkpointing, "checkpoint_levels": cfg.memory.checkpoint_levels,
+        "channels_last": cfg.memory.channels_last,
         "compile_unet": cfg.memory.compile_unet, "weights_dtype": cfg.memory.weights_dtype,
         "moments_dtype": cfg.optim.moments_dtype,
         "fused_backward": cfg.optim.fused_backward, "max_grad_norm": cfg.optim.max_grad_norm,
@@ -173,7 +180,7 @@ def main() -> None:
         "first_step_s": result.step_seconds[1], "first_step_extra_s": result.step_seconds[1] - step_s,
         "phase_ms": {k: 1000 * v for k, v in phases.items()},
         "peak_rss_mib": peak_rss_mib,
-        "tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12, "matmul_peak_tflops": peak,
+        "tflop_per_step": flops and flops / 1e12, "achieved_tflops": flops and flops / step_s / 1e12, "matmul_peak_tflops": peak,
         "model_build_s": build_seconds, "trainable_parameters": result.trainable_parameters,
     }
     if args.device == "cuda":
@@ -192,7 +199,7 @@ def print_table(f: dict) -> None:
         ("options", f"preset {f['preset']}, weights {f['weights_dtype']}, moments {f['moments_dtype']}, "
                     f"channels_last {f['channels_last']}, "
                     f"compile {f['compile_unet']}, fused_backward {f['fused_backward']}, "
-                    f"checkpointing {f['gradient_checkpointing']}, clip {f['max_grad_norm']}, {f['optimizer']}"),
+                    f"checkpointing {f['gradient_checkpointing']} (levels {f['checkpoint_levels'] or 'all'}), clip {f['max_grad_norm']}, {f['optimizer']}"),
         ("trainable parameters", f"{f['trainable_parameters']:,}"),
         ("steps/s (median)", f"{f['steps_per_s']:.3f}"),
         ("samples/s", f"{f['samples_per_s']:.3f}"),
@@ -202,11 +209,12 @@ def print_table(f: dict) -> None:
     ]
     if "cuda_max_allocated_gib" in f:
         rows.append(("CUDA peak", f"{f['cuda_max_allocated_gib']:.2f} GiB allocated, {f['cuda_max_reserved_gib']:.2f} GiB reserved"))
-    rows += [
-        ("FLOP per step", f"{f['tflop_per_step'] * 1e3:.2f} GFLOP (forward + backward)"),
-        ("achieved", f"{f['achieved_tflops'] * 1e3:.2f} GFLOP/s = {100 * f['achieved_tflops'] / f['matmul_peak_tflops']:.1f}% "
-                     f"of the measured matmul peak ({f['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s)"),
-    ]
+    if f["tflop_per_step"] is not None:
+        rows += [
+            ("FLOP per step", f"{f['tflop_per_step'] * 1e3:.2f} GFLOP (forward + backward)"),
+            ("achieved", f"{f['achieved_tflops'] * 1e3:.2f} GFLOP/s = {100 * f['achieved_tflops'] / f['matmul_peak_tflops']:.1f}% "
+                         f"of the measured matmul peak ({f['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s)"),
+        ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -162,10 +162,10 @@ def test_fused_backward_resume_is_exact(tiny_sd_dir, photos, tmp_path, monkeypat
 
 # ---- quality guard: every speed / memory mode trains the same thing --------------------------
 
-QUALITY_STEPS = 100  # per mode; 7 runs of the tiny model keep this file near a minute on one CPU thread
+QUALITY_STEPS = 200  # per mode (issue 4 asks for 200); 8 runs of the tiny model, about two minutes on one CPU thread
 QUALITY_LR = 1e-4  # constant; small enough that bf16 round-to-nearest drops most updates (see the control)
 WINDOW = 20  # steps per moving-average point
-TOLERANCE = 0.02  # max |moving average - fp32's| / fp32's, over all 81 points
+TOLERANCE = 0.02  # max |moving average - fp32's| / fp32's, over all 181 points
 # Measured (torch 2.13 CPU, 1 thread): channels_last, fused_backward and preset fast < 0.0001
 # (fused_backward is bitwise equal); bf16 weights 0.0005; preset low-memory (bf16 weights and
 # moments) 0.0009; the round-to-nearest control 0.40, 20x the tolerance.
@@ -173,6 +173,7 @@ TOLERANCE = 0.02  # max |moving average - fp32's| / fp32's, over all 81 points
 MODES = {
     "channels_last": {"memory": {"channels_last": True}},
     "fused_backward": {"optim": {"fused_backward": True}},
+    "partial_checkpointing": {"memory": {"gradient_checkpointing": True, "checkpoint_levels": 1}},
     "bf16_weights": {"memory": {"mixed_precision": "bf16", "weights_dtype": "bf16"}},
     "preset fast": dotted_to_nested(TRAIN_PRESETS["fast"]),
     "preset low-memory": dotted_to_nested(TRAIN_PRESETS["low-memory"]),

@@ -69,3 +69,38 @@ def test_text_encoder_stop_step_freezes_it(tiny_sd_dir, photos, tmp_path):
     unet_before = load_file(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
     unet_after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+
+
+def test_partial_gradient_checkpointing_marks_high_resolution_blocks_and_trains_the_same(tiny_sd_dir, photos, tmp_path):
+    from dreambooth.models.load import load_components
+    from dreambooth.models.memory import apply_memory_options
+
+    cfg = make_cfg(tiny_sd_dir, photos, tmp_path / "x", memory={"gradient_checkpointing": True, "checkpoint_levels": 1})
+    comps = load_components(cfg.model.path, cfg.model.family)
+    apply_memory_options(comps, cfg)
+    unet = comps.unet
+    flags = lambda block: {m.gradient_checkpointing for m in block.modules() if hasattr(m, "gradient_checkpointing")}
+    assert flags(unet.down_blocks[0]) == {True} and flags(unet.up_blocks[-1]) == {True}  # highest resolution
+    assert all(flags(b) == {False} for b in [*unet.down_blocks[1:], unet.mid_block, *unet.up_blocks[:-1]])
+
+    # checkpointing changes memory, not maths: same losses with none, partial and full
+    losses = {}
+    for name, memory in {"none": {}, "partial": {"gradient_checkpointing": True, "checkpoint_levels": 1},
+                         "full": {"gradient_checkpointing": True}}.items():
+        losses[name] = list(train(make_cfg(tiny_sd_dir, photos, tmp_path / name, train={"max_steps": 3}, memory=memory)).losses.values())
+    assert losses["partial"] == pytest.approx(losses["none"], rel=1e-5) and losses["full"] == pytest.approx(losses["none"], rel=1e-5)
+
+    with pytest.raises(DreamBoothError, match="needs memory.gradient_checkpointing"):
+        make_cfg(tiny_sd_dir, photos, tmp_path / "y", memory={"checkpoint_levels": 1}).validate()
+    with pytest.raises(DreamBoothError, match="between 1 and the UNet's"):
+        apply_memory_options(comps, make_cfg(tiny_sd_dir, photos, tmp_path / "z", memory={"gradient_checkpointing": True, "checkpoint_levels": 9}))
+
+
+def test_deepspeed_launch_refuses_what_deepspeed_cannot_run(tiny_sd_dir, photos, tmp_path, monkeypatch):
+    # DeepSpeed itself needs CUDA; the start-up check only reads accelerate's distributed type.
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(DreamBoothError, match="DeepSpeed .* text_encoder.train=true"):
+        train(make_cfg(tiny_sd_dir, photos, tmp_path / "ds"))

@@ -80,13 +80,13 @@ def cmd_train(args) -> None:
 
 def cmd_class_images(args) -> None:
     from .data.class_images import ensure_class_images
-    from .train import _class_settings
+    from .train import class_image_settings
 
     cfg = config_from_args(args)
     cfg.prior.enabled = True
     cfg.validate()
     for concept in cfg.resolved_concepts():
-        files = ensure_class_images(cfg.model.path, concept.class_dir, _class_settings(cfg, concept),
+        files = ensure_class_images(cfg.model.path, concept.class_dir, class_image_settings(cfg, concept),
                                     user_supplied=concept.class_images_user_supplied, device=_device())
         print(f"{len(files)} class images for {concept.class_prompt!r} in {concept.class_dir}")
 

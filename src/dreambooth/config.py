@@ -113,6 +113,10 @@ class OptimConfig:
 class MemoryConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision (accelerate); trainable weights stay fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, ~30% slower.")
+    checkpoint_levels: int = _f(
+        0, "With gradient_checkpointing: recompute only the UNet blocks at the N highest resolutions (down and up "
+        "blocks of the first N levels, where activations are largest); 0 = every block. Partial checkpointing buys "
+        "back part of the speed for part of the memory (bench/RESULTS.md).")
     attention: Literal["sdpa", "xformers"] = _f("sdpa", "Attention kernel: PyTorch SDPA (memory-efficient, default) or xFormers.")
     cache_latents: Optional[bool] = _f(None, "Encode each image with the VAE once. Default: on when augmentation is off.")
     cache_text_embeddings: Optional[bool] = _f(None, "Encode each prompt once. Default: on when the text encoder is frozen.")
@@ -264,6 +268,11 @@ class TrainConfig:
             if self.optim.optimizer != "adamw":
                 raise DreamBoothError("memory.weights_dtype=bf16 needs optim.optimizer=adamw (AdamW with stochastic "
                                       f"rounding), got optim.optimizer={self.optim.optimizer}")
+        if self.memory.checkpoint_levels and not self.memory.gradient_checkpointing:
+            raise DreamBoothError(f"memory.checkpoint_levels={self.memory.checkpoint_levels} needs "
+                                  "memory.gradient_checkpointing=true (it chooses which blocks are checkpointed)")
+        if self.memory.checkpoint_levels < 0:
+            raise DreamBoothError(f"memory.checkpoint_levels must be 0 (every block) or more, got {self.memory.checkpoint_levels}")
         if self.optim.moments_dtype == "bf16" and self.memory.weights_dtype != "bf16":
             raise DreamBoothError("optim.moments_dtype=bf16 needs memory.weights_dtype=bf16 (the stochastic-rounding "
                                   "AdamW); set both, or leave optim.moments_dtype=fp32")

@@ -54,6 +54,7 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
     start_time = time.time()
     cfg.validate()
@@ -64,6 +65,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.memory.mixed_precision,
                               gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate gives DeepSpeed exactly one model and lets it own precision and the optimizer step
+        clash = [name for name, on in (("text_encoder.train=true", cfg.text_encoder.train),
+                                       ("memory.weights_dtype=bf16", cfg.memory.weights_dtype == "bf16"),
+                                       ("optim.fused_backward=true", cfg.optim.fused_backward)) if on]
+        if clash:
+            raise DreamBoothError(f"DeepSpeed (accelerate config) cannot run with {', '.join(clash)}: accelerate prepares "
+                                  "one model for DeepSpeed, which also owns precision and the optimizer step. Turn them "
+                                  "off, or use the low-memory preset without DeepSpeed (configs/accelerate/zero2_offload.yaml)")
     if cfg.optim.fused_backward and accelerator.num_processes > 1:
         raise DreamBoothError("optim.fused_backward=true steps each parameter before the gradients are averaged "
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")
@@ -87,7 +97,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     klass = []
     if cfg.prior.enabled:
         with accelerator.main_process_first():  # one process generates; the others then find and reuse the images
-            files = [ensure_class_images(cfg.model.path, c.class_dir, _class_settings(cfg, c),
+            files = [ensure_class_images(cfg.model.path, c.class_dir, class_image_settings(cfg, c),
                                          user_supplied=c.class_images_user_supplied,
                                          device=accelerator.device,
                                          dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
@@ -211,7 +221,7 @@ def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
     if dtype != torch.float32:
         module.to(dtype=dtype)
 
-def _class_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
+def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
     p = cfg.prior
     return ClassImageSettings(prompt=concept.class_prompt, num_images=p.num_class_images, resolution=cfg.data.resolution,
                               scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,

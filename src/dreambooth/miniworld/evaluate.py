@@ -10,6 +10,9 @@ With fixed seeds, for one held-out subject:
 - class diversity: normalised entropy of the predicted shape and colour over "a photo of a toy"
   images (the paper's DIV; 1.0 = uniform over the world's 6 shapes / 6 colours; above 1.0 means
   predictions also spread over the subjects' shapes or patterns);
+- image roughness: mean absolute difference between neighbouring pixels (0..1 scale) over every
+  generated image. The world is flat colours and clean edges, so this rises when a model
+  produces the "noisy blotches" the blog attributes to overfitting (compare with the base's);
 - prompt following: on fixed attribute prompts ("a photo of a red star toy on a gray
   background"), how often the requested shape, colour, background, and all three appear. On the
   base this is the base's quality; after DreamBooth, what fine-tuning cost the rest of the world.
@@ -72,18 +75,29 @@ def _to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([world.to_array(im.convert("RGB").resize((world.SIZE, world.SIZE))) for im in images]))
 
 
+def roughness(batch: torch.Tensor) -> torch.Tensor:
+    """Per image: mean |difference| of horizontally and vertically neighbouring pixels, in 0..1 units."""
+    x = (batch + 1) / 2  # [-1, 1] -> [0, 1]
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3))
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(1, 2, 3))
+    return (dx + dy) / 2
+
+
 class Renderer:
     """A pipeline plus the classifier: prompts -> classifier predictions, with fixed seeds."""
 
     def __init__(self, pipe, classifier, settings: EvalSettings):
         self.pipe, self.classifier, self.s = pipe, classifier, settings
+        self.roughness: list[float] = []  # one value per image rendered so far
 
     def classify(self, prompts: list[str], seeds: list[int]) -> dict[str, list[str]]:
         from ..sampling import generate
 
         images = generate(self.pipe, prompts, seeds, num_inference_steps=self.s.num_inference_steps,
                           guidance_scale=self.s.guidance_scale, height=world.SIZE, width=world.SIZE, batch_size=64)
-        return self.classifier.predict(_to_tensor(images))
+        batch = _to_tensor(images)
+        self.roughness.extend(roughness(batch).tolist())
+        return self.classifier.predict(batch)
 
     def repeat(self, prompt: str, n: Optional[int] = None) -> dict[str, list[str]]:
         n = n or self.s.n
@@ -126,6 +140,7 @@ def measure(pipe, classifier, subject_name: Optional[str], settings: EvalSetting
     }
     hit["all"] = [a and b and c for a, b, c in zip(hit["shape"], hit["colour"], hit["background"])]
     out["prompt_following"] = {k: float(np.mean(v)) for k, v in hit.items()}
+    out["roughness"] = float(np.mean(r.roughness))
     return out
 
 
@@ -175,6 +190,8 @@ def _rows(metrics: dict) -> list[tuple[str, str]]:
     rows.append(("class diversity: distinct pairs", str(d["distinct_pairs"])))
     for k, v in metrics["prompt_following"].items():
         rows.append((f"prompt following: {k}", f"{v:.2f}"))
+    if "roughness" in metrics:
+        rows.append(("image roughness", f"{metrics['roughness']:.3f}"))
     return rows
 
 

@@ -17,6 +17,12 @@ def apply_memory_options(comps: Components, cfg: TrainConfig) -> None:
     if cfg.memory.gradient_checkpointing:
         # Recompute activations in the backward pass instead of storing them.
         comps.unet.enable_gradient_checkpointing()
+        if cfg.memory.checkpoint_levels:
+            keep_stored = _low_resolution_blocks(comps.unet, cfg.memory.checkpoint_levels)
+            for block in keep_stored:
+                for module in block.modules():
+                    if hasattr(module, "gradient_checkpointing"):
+                        module.gradient_checkpointing = False
         if cfg.text_encoder.train:
             comps.text_encoder.gradient_checkpointing_enable()
     if cfg.memory.attention == "xformers":
@@ -33,3 +39,16 @@ def apply_memory_options(comps: Components, cfg: TrainConfig) -> None:
     if cfg.memory.compile_unet:
         # In place (nn.Module.compile): the module keeps its class, parameter names and save_pretrained.
         comps.unet.compile()
+
+
+def _low_resolution_blocks(unet, levels: int) -> list[torch.nn.Module]:
+    """The UNet blocks below the `levels` highest resolutions: they keep their activations.
+
+    A UNet's activation memory is dominated by its high-resolution levels (4x the pixels per level
+    up), so checkpointing only those saves most of the memory for part of the recompute.
+    """
+    n = len(unet.down_blocks)
+    if not 0 < levels <= n:
+        raise DreamBoothError(f"memory.checkpoint_levels={levels} must be between 1 and the UNet's {n} levels (0 = all)")
+    # up_blocks run lowest resolution first: up_blocks[i] mirrors down_blocks[n - 1 - i]
+    return [*unet.down_blocks[levels:], unet.mid_block, *unet.up_blocks[: n - levels]]

@@ -1,0 +1,268 @@
+"""Experiments in miniature: the DreamBooth blog's findings, measured on the bundled base.
+
+    python scripts/miniworld_experiments.py              # every run, then rewrites the README table
+    python scripts/miniworld_experiments.py --jobs 2     # two runs at a time (one thread each)
+
+Every run trains through `dreambooth.train.train` with the demo's settings (`demo.DEMO_SETTINGS`)
+plus the run's overrides, and is measured by `evaluate.measure` with fixed seeds. A run that is
+measured at several step counts trains once: it stops at the first count, is exported and
+measured, then resumes from its checkpoint to the next count. Resume is bit-for-bit (the
+trainer's tests check it) and the default learning-rate schedule is constant, so the model at
+step 400 of a 200 -> 400 chain is the model a 400-step run produces.
+
+Results are cached per run under `workdir/<run>/results.json`: an interrupted sweep picks up where
+it stopped, and `--render-only` rebuilds the tables from what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import world
+from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings
+
+SUBJECT = "banded_heart"
+LOW_LR, MID_LR, HIGH_LR = 3e-5, 1e-4, 3e-4  # the demo trains at MID_LR; 3.3x apart, like the blog's 2e-6 / 5e-6 ~ 2.5x
+STEPS = (200, 400, 800, 1600)
+SAMPLERS = tuple((name, steps) for name in ("ddim", "pndm", "lms") for steps in (50, 100))
+DEFAULT_SAMPLER = ("ddim", 25)  # what `dreambooth evaluate` and the demo use
+
+
+@dataclass(frozen=True)
+class Run:
+    key: str  # folder name under the work dir, and results key
+    overrides: dict = field(default_factory=dict)  # dotted keys on top of the demo's settings
+    steps: tuple[int, ...] = (800,)  # measured after each of these optimizer steps
+    subject: str = SUBJECT
+    samplers: tuple[tuple[str, int], ...] = (DEFAULT_SAMPLER,)  # measured with each, at the last step only
+
+    def cost(self) -> float:  # rough relative CPU cost, to start the longest runs first
+        return self.steps[-1] + 200 * len(self.steps) + sum(s for _, s in self.samplers) * 8
+
+
+def runs() -> list[Run]:
+    """The sweep. Keys are referenced by `TABLES`."""
+    lr_runs = [Run(f"lr-{lr_name(lr)}", {"optim.lr": lr}, STEPS) for lr in (LOW_LR, MID_LR, HIGH_LR)]
+    return [
+        *lr_runs,
+        Run("no-prior", {"prior.enabled": False}, STEPS[:3]),
+        Run("frozen-te", {"text_encoder.train": False}, STEPS[:3]),
+        # "overfit": high learning rate, long, no prior preservation - the blog's noisy-image case
+        Run("overfit", {"optim.lr": HIGH_LR, "prior.enabled": False}, (1600,), samplers=(DEFAULT_SAMPLER, *SAMPLERS)),
+        *[Run(f"subject-{name}", {}, (800,), subject=name) for name in world.SUBJECTS if name != SUBJECT],
+    ]
+
+
+def lr_name(lr: float) -> str:
+    """3e-05 -> "3e-5" (run keys and table cells)."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _result_key(step: int, sampler: tuple[str, int]) -> str:
+    return f"{step}|{sampler[0]}|{sampler[1]}"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _settings(sampler: tuple[str, int], n: int, seed: int) -> EvalSettings:
+    # attribute prompts scale with n so that a small smoke sweep stays small (n=32: the evaluate default, 4)
+    return EvalSettings(n=n, seed=seed, scheduler=sampler[0], num_inference_steps=sampler[1], attribute_images=max(1, n // 8))
+
+
+def prepare(workdir: Path, base_dir: Path = DEFAULT_BASE) -> None:
+    """Generate the shared class images once, before parallel runs could race to make them."""
+    from ..data.class_images import ensure_class_images
+    from ..train import class_image_settings
+    from .demo import demo_config
+
+    cfg = demo_config(workdir / "prepare", base_dir=base_dir, overrides={"concept.class_dir": str(workdir / "class_images")})
+    concept = cfg.resolved_concepts()[0]
+    ensure_class_images(cfg.model.path, concept.class_dir, class_image_settings(cfg, concept))
+
+
+def run_one(run: Run, workdir: Path, n: int = 32, seed: int = 0, base_dir: Path = DEFAULT_BASE,
+            classifier_dir: Path = DEFAULT_CLASSIFIER, verbose: bool = True) -> dict:
+    """Train `run` step count by step count (resuming), measuring each; returns its results dict."""
+    from ..checkpoint import latest_checkpoint
+    from ..sampling import load_trained_pipeline
+    from ..train import train
+    from .classifier import load_classifier
+    from .demo import demo_config
+    from .evaluate import measure
+
+    folder = workdir / run.key
+    results_path = folder / "results.json"
+    results = _load(results_path)
+    world.write_instance_images(run.subject, folder / "instance_images")
+    classifier = load_classifier(classifier_dir)
+    gap = min(b - a for a, b in zip((0, *run.steps), run.steps))
+    for i, step in enumerate(run.steps):
+        samplers = run.samplers if i == len(run.steps) - 1 else (DEFAULT_SAMPLER,)
+        todo = [s for s in samplers if _result_key(step, s) not in results]
+        if not todo:
+            continue
+        settings = {**run.overrides, "train.max_steps": step, "checkpoint.every_n_steps": gap, "checkpoint.keep": 1}
+        if settings.get("prior.enabled", True):
+            settings["concept.class_dir"] = str(workdir / "class_images")  # shared by every run (made by `prepare`)
+        cfg = demo_config(folder, run.subject, base_dir, settings)
+        model_dir = Path(cfg.train.output_dir)
+        latest = latest_checkpoint(model_dir)
+        done = int(latest.name.split("-")[-1]) if latest is not None else 0
+        t0 = time.time()
+        if done < step:
+            cfg.train.resume = done > 0
+            train(cfg)
+        train_seconds = time.time() - t0
+        for sampler in todo:
+            t0 = time.time()
+            pipe = load_trained_pipeline(model_dir, scheduler=sampler[0])
+            metrics = measure(pipe, classifier, run.subject, _settings(sampler, n, seed))
+            metrics.update(train_seconds=round(train_seconds, 1), eval_seconds=round(time.time() - t0, 1))
+            results[_result_key(step, sampler)] = metrics
+            _save(results_path, results)
+            if verbose:
+                print(f"[{run.key}] step {step} {sampler[0]} {sampler[1]}: subject {metrics['subject_fidelity']:.2f} "
+                      f"prompt {metrics['prompt_fidelity']:.2f} drift {metrics['class_drift']:.2f}", flush=True)
+    return results
+
+
+def measure_base(workdir: Path, samplers, n: int = 32, seed: int = 0, base_dir: Path = DEFAULT_BASE,
+                 classifier_dir: Path = DEFAULT_CLASSIFIER) -> dict:
+    """The base model's class and attribute metrics with each sampler (the reference rows)."""
+    from ..sampling import load_trained_pipeline
+    from .classifier import load_classifier
+    from .evaluate import measure
+
+    path = workdir / "base" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = _load(path)
+    classifier = load_classifier(classifier_dir)
+    for sampler in samplers:
+        if _result_key(0, sampler) not in results:
+            pipe = load_trained_pipeline(base_dir, scheduler=sampler[0])
+            results[_result_key(0, sampler)] = measure(pipe, classifier, None, _settings(sampler, n, seed))
+            _save(path, results)
+    return results
+
+
+def run_all(workdir: str | Path = "outputs/miniworld-experiments", jobs: int = 1, only: Optional[list[str]] = None,
+            n: int = 32, seed: int = 0, base_dir: Path = DEFAULT_BASE) -> dict[str, dict]:
+    """Run the sweep (or the runs named in `only`), `jobs` at a time; returns {run key: results}."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    selected = [r for r in runs() if only is None or r.key in only]
+    prepare(workdir, base_dir)
+    selected.sort(key=Run.cost, reverse=True)
+    samplers = [DEFAULT_SAMPLER, *SAMPLERS] if any(len(r.samplers) > 1 for r in selected) else [DEFAULT_SAMPLER]
+    if jobs <= 1:
+        measure_base(workdir, samplers, n, seed, base_dir)
+        for r in selected:
+            run_one(r, workdir, n, seed, base_dir)
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(measure_base, workdir, samplers, n, seed, base_dir)]
+            futures += [pool.submit(run_one, r, workdir, n, seed, base_dir) for r in selected]
+            for f in futures:
+                f.result()  # re-raise a worker's error here
+    return collect(workdir)
+
+
+def collect(workdir: str | Path) -> dict[str, dict]:
+    workdir = Path(workdir)
+    return {p.parent.name: _load(p) for p in sorted(workdir.glob("*/results.json"))}
+
+
+# ---------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("subject fidelity", lambda m: f"{m['subject_fidelity']:.2f}" if "subject_fidelity" in m else "-"),
+    ("prompt fidelity", lambda m: f"{m['prompt_fidelity']:.2f}" if "prompt_fidelity" in m else "-"),
+    ("class drift", lambda m: f"{m['class_drift']:.2f}" if "class_drift" in m else "-"),
+    ("class diversity (shape / colour)", lambda m: f"{m['class_diversity']['shape']:.2f} / {m['class_diversity']['colour']:.2f}"),
+    ("prompt following", lambda m: f"{m['prompt_following']['all']:.2f}"),
+    ("roughness", lambda m: f"{m['roughness']:.3f}" if "roughness" in m else "-"),
+]
+
+
+def _table(head: list[str], rows: list[tuple[list[str], Optional[dict]]]) -> str:
+    names = head + [c for c, _ in COLUMNS]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for cells, m in rows:
+        values = [f(m) for _, f in COLUMNS] if m else ["(not run)"] + [""] * (len(COLUMNS) - 1)
+        lines.append("| " + " | ".join(cells + values) + " |")
+    return "\n".join(lines)
+
+
+def _get(results: dict, key: str, step: int, sampler=DEFAULT_SAMPLER) -> Optional[dict]:
+    return results.get(key, {}).get(_result_key(step, sampler))
+
+
+def render(results: dict[str, dict], n: int = 32) -> str:
+    """Markdown tables of the sweep (missing runs show as "(not run)")."""
+    base = _get(results, "base", 0)
+    base_row = (["base model", ""], base)
+    out = [f"Subject `{SUBJECT}` unless stated; {n} images per prompt, seeds 0..{n - 1}, sampler DDIM 25 steps, "
+           "guidance 5 unless stated. Demo settings otherwise: full fine-tune, batch 1 + 1 class image, "
+           "prior preservation (100 class images, weight 1), text encoder trained, constant lr.", ""]
+
+    out += ["**Learning rate x steps** (prior preservation on, text encoder trained)", ""]
+    rows = [base_row] + [([lr_name(lr), str(s)], _get(results, f"lr-{lr_name(lr)}", s)) for lr in (LOW_LR, MID_LR, HIGH_LR) for s in STEPS]
+    out += [_table(["lr", "steps"], rows), ""]
+
+    out += [f"**Prior preservation** (lr {lr_name(MID_LR)}, text encoder trained)", ""]
+    rows = [base_row] + [([label, str(s)], _get(results, key, s)) for label, key in (("on", f"lr-{lr_name(MID_LR)}"), ("off", "no-prior"))
+                         for s in STEPS[:3]]
+    out += [_table(["prior", "steps"], rows), ""]
+
+    out += [f"**Text encoder** (lr {lr_name(MID_LR)}, prior preservation on)", ""]
+    rows = [base_row] + [([label, str(s)], _get(results, key, s)) for label, key in (("trained", f"lr-{lr_name(MID_LR)}"), ("frozen", "frozen-te"))
+                         for s in STEPS[:3]]
+    out += [_table(["text encoder", "steps"], rows), ""]
+
+    out += [f"**Inference sampler on an overfit model** (lr {lr_name(HIGH_LR)}, 1600 steps, no prior preservation; "
+            "base rows: the base model with the same sampler)", ""]
+    rows = []
+    for sampler in (DEFAULT_SAMPLER, *SAMPLERS):
+        rows.append(([sampler[0].upper(), str(sampler[1]), "overfit"], _get(results, "overfit", 1600, sampler)))
+        rows.append(([sampler[0].upper(), str(sampler[1]), "base"], _get(results, "base", 0, sampler)))
+    out += [_table(["sampler", "steps", "model"], rows), ""]
+
+    out += ["**Other subjects** (demo settings: lr 1e-4, 800 steps)", ""]
+    rows = [([name, f"{s.shape}, {s.pattern}", ", ".join(s.heldout_backgrounds)],
+             _get(results, f"subject-{name}" if name != SUBJECT else f"lr-{lr_name(MID_LR)}", 800)) for name, s in world.SUBJECTS.items()]
+    out += [_table(["subject", "shape, pattern", "held-out backgrounds"], rows)]
+    return "\n".join(out)
+
+
+BEGIN, END = "<!-- miniworld-experiments:begin -->", "<!-- miniworld-experiments:end -->"
+
+
+def update_readme(readme: str | Path, tables: str) -> None:
+    """Replace the text between the experiment markers in `readme` (which must have them)."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+    tmp.replace(readme)

@@ -1,0 +1,68 @@
+"""The experiments sweep's machinery: resumed step chains, cached results, tables, README block, roughness."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dreambooth.miniworld import experiments, world
+from dreambooth.miniworld.evaluate import DEFAULT_BASE, roughness
+
+needs_base = pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(), reason="miniature base not built")
+
+
+def test_roughness_separates_clean_renders_from_noise():
+    clean = torch.from_numpy(np.stack([world.to_array(im) for im in world.instance_images("banded_heart", 4)]))
+    noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    flat = torch.zeros_like(clean)
+    r_clean, r_noisy, r_flat = roughness(clean), roughness(noisy), roughness(flat)
+    assert r_flat.eq(0).all()
+    assert (r_clean > 0).all() and (r_noisy > r_clean + 0.05).all(), (r_clean, r_noisy)
+
+
+@needs_base
+def test_run_chain_resumes_and_caches(tmp_path, monkeypatch):
+    run = experiments.Run("tiny", {"prior.enabled": False}, (1, 2), samplers=(experiments.DEFAULT_SAMPLER, ("pndm", 5)))
+    results = experiments.run_one(run, tmp_path, n=1, verbose=False)
+    assert sorted(results) == ["1|ddim|25", "2|ddim|25", "2|pndm|5"]
+    # one checkpoint kept, at the last step; the chain resumed instead of starting over
+    ckpts = sorted(p.name for p in (tmp_path / "tiny" / "model" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000002"]
+    assert json.loads((tmp_path / "tiny" / "results.json").read_text()) == results
+    for m in results.values():
+        assert 0 <= m["subject_fidelity"] <= 1 and m["roughness"] > 0 and m["train_seconds"] >= 0
+
+    # a second call finds everything measured and trains nothing
+    import dreambooth.train
+
+    monkeypatch.setattr(dreambooth.train, "train", lambda cfg: pytest.fail("retrained a measured run"))
+    assert experiments.run_one(run, tmp_path, n=1, verbose=False) == results
+
+
+def test_render_and_readme_block(tmp_path):
+    m = {"subject_fidelity": 0.5, "prompt_fidelity": 0.25, "class_drift": 0.125, "roughness": 0.0312,
+         "class_diversity": {"shape": 0.9, "colour": 0.8, "distinct_pairs": 9}, "prompt_following": {"all": 0.75}}
+    results = {"lr-1e-4": {"800|ddim|25": m}, "base": {"0|ddim|25": {k: m[k] for k in ("class_diversity", "prompt_following", "roughness")}}}
+    tables = experiments.render(results, n=4)
+    assert "| 1e-4 | 800 | 0.50 | 0.25 | 0.12 | 0.90 / 0.80 | 0.75 | 0.031 |" in tables
+    assert "| 3e-5 | 200 | (not run) |" in tables
+    assert "| base model |  | - | - | - | 0.90 / 0.80 | 0.75 | 0.031 |" in tables
+    assert "| banded_heart | heart, hbands | blue, green | 0.50 |" in tables  # the main subject's row reuses the lr 1e-4 run
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{experiments.BEGIN}\nold\n{experiments.END}\noutro\n")
+    experiments.update_readme(readme, tables)
+    experiments.update_readme(readme, tables)  # idempotent
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text and text.count(tables) == 1
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no .* block"):
+        experiments.update_readme(plain, tables)
+
+
+def test_sweep_names_every_run_the_tables_use():
+    keys = {r.key for r in experiments.runs()}
+    assert {"lr-3e-5", "lr-1e-4", "lr-3e-4", "no-prior", "frozen-te", "overfit"} <= keys
+    assert {f"subject-{s}" for s in world.SUBJECTS if s != experiments.SUBJECT} <= keys

@@ -64,5 +64,5 @@ def test_render_and_readme_block(tmp_path):
 
 def test_sweep_names_every_run_the_tables_use():
     keys = {r.key for r in experiments.runs()}
-    assert {"lr-3e-5", "lr-1e-4", "lr-3e-4", "no-prior", "frozen-te", "overfit"} <= keys
+    assert {"lr-3e-5", "lr-1e-4", "lr-3e-4", "no-prior", "frozen-te", "overfit", "overfit-onset"} <= keys
     assert {f"subject-{s}" for s in world.SUBJECTS if s != experiments.SUBJECT} <= keys

@@ -54,6 +54,8 @@ def runs() -> list[Run]:
         Run("frozen-te", {"text_encoder.train": False}, STEPS[:3]),
         # "overfit": high learning rate, long, no prior preservation - the blog's noisy-image case
         Run("overfit", {"optim.lr": HIGH_LR, "prior.enabled": False}, (1600,), samplers=(DEFAULT_SAMPLER, *SAMPLERS)),
+        # and the onset of overfitting: high learning rate with prior preservation, 400 steps
+        Run("overfit-onset", {"optim.lr": HIGH_LR}, (400,), samplers=(DEFAULT_SAMPLER, *SAMPLERS)),
         *[Run(f"subject-{name}", {}, (800,), subject=name) for name in world.SUBJECTS if name != SUBJECT],
     ]
 
@@ -122,6 +124,9 @@ def run_one(run: Run, workdir: Path, n: int = 32, seed: int = 0, base_dir: Path 
         model_dir = Path(cfg.train.output_dir)
         latest = latest_checkpoint(model_dir)
         done = int(latest.name.split("-")[-1]) if latest is not None else 0
+        if done > step:
+            raise RuntimeError(f"{model_dir} is already at step {done}, past the unmeasured step {step}: "
+                               f"delete {folder} to rerun {run.key}")
         t0 = time.time()
         if done < step:
             cfg.train.resume = done > 0
@@ -237,12 +242,12 @@ def render(results: dict[str, dict], n: int = 32) -> str:
                          for s in STEPS[:3]]
     out += [_table(["text encoder", "steps"], rows), ""]
 
-    out += [f"**Inference sampler on an overfit model** (lr {lr_name(HIGH_LR)}, 1600 steps, no prior preservation; "
-            "base rows: the base model with the same sampler)", ""]
+    out += [f"**Inference sampler on overfit models** (onset: lr {lr_name(HIGH_LR)}, 400 steps, prior preservation on; "
+            f"collapsed: lr {lr_name(HIGH_LR)}, 1600 steps, no prior preservation; base: the base model with the same sampler)", ""]
     rows = []
     for sampler in (DEFAULT_SAMPLER, *SAMPLERS):
-        rows.append(([sampler[0].upper(), str(sampler[1]), "overfit"], _get(results, "overfit", 1600, sampler)))
-        rows.append(([sampler[0].upper(), str(sampler[1]), "base"], _get(results, "base", 0, sampler)))
+        for label, key, step in (("onset", "overfit-onset", 400), ("collapsed", "overfit", 1600), ("base", "base", 0)):
+            rows.append(([sampler[0].upper(), str(sampler[1]), label], _get(results, key, step, sampler)))
     out += [_table(["sampler", "steps", "model"], rows), ""]
 
     out += ["**Other subjects** (demo settings: lr 1e-4, 800 steps)", ""]

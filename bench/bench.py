@@ -66,6 +66,44 @@ def count_step_flops(model_dir: Path, batch: int, resolution: int, train_te: boo
     return counter.get_total_flops()
 
 
+class WindowPeak:
+    """Peak memory over the timed steps only (R15's window), not load time or the warmup steps.
+
+    At the end of the last warmup step it resets the CUDA peak counters and, on Linux, the process's
+    peak RSS (writing 5 to /proc/self/clear_refs resets VmHWM); `rss_mib` then reads VmHWM.
+    """
+
+    def __init__(self, warmup: int, device: str):
+        from dreambooth import timing
+
+        self.rss_mib = None
+        self._original = timing.PhaseTimer.end_step
+        steps = {"n": 0}
+
+        def end_step(timer):
+            self._original(timer)
+            steps["n"] += 1
+            if steps["n"] == warmup:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    Path("/proc/self/clear_refs").write_text("5")
+                except OSError:
+                    pass  # not Linux: no window figure for RSS
+
+        timing.PhaseTimer.end_step = end_step
+
+    def close(self) -> None:
+        from dreambooth import timing
+
+        timing.PhaseTimer.end_step = self._original
+        try:
+            status = Path("/proc/self/status").read_text()
+            self.rss_mib = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
+        except (OSError, StopIteration):
+            self.rss_mib = None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="tiny", choices=["tiny", "small", "sd15", "sd2"])
@@ -154,7 +192,9 @@ def main() -> None:
             os.environ["ACCELERATE_USE_CPU"] = "true"
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        window_peak = WindowPeak(args.warmup, args.device)
         result = train(cfg)
+        window_peak.close()
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP count loads more
         window = range(args.warmup + 1, total + 1)
         step_s = statistics.median(result.step_seconds[s] for s in window)
@@ -179,7 +219,7 @@ def main() -> None:
         # the first step pays one-off costs (torch.compile's compilation, allocator warm-up)
         "first_step_s": result.step_seconds[1], "first_step_extra_s": result.step_seconds[1] - step_s,
         "phase_ms": {k: 1000 * v for k, v in phases.items()},
-        "peak_rss_mib": peak_rss_mib,
+        "peak_rss_mib": peak_rss_mib, "window_peak_rss_mib": window_peak.rss_mib,
         "tflop_per_step": flops and flops / 1e12, "achieved_tflops": flops and flops / step_s / 1e12, "matmul_peak_tflops": peak,
         "model_build_s": build_seconds, "trainable_parameters": result.trainable_parameters,
     }
@@ -206,6 +246,8 @@ def print_table(f: dict) -> None:
         ("first step", f"{f['first_step_s']:.2f} s ({f['first_step_extra_s']:.2f} s over a steady step: compile, warm-up)"),
         ("time split (ms/step)", ", ".join(f"{k} {v:.1f}" for k, v in f["phase_ms"].items())),
         ("peak RSS", f"{f['peak_rss_mib']:.0f} MiB (training process: imports, load, train; model built apart)"),
+        ("peak RSS, timed steps", "n/a" if f.get("window_peak_rss_mib") is None else
+         f"{f['window_peak_rss_mib']:.0f} MiB (reset after the warmup steps: the training window alone)"),
     ]
     if "cuda_max_allocated_gib" in f:
         rows.append(("CUDA peak", f"{f['cuda_max_allocated_gib']:.2f} GiB allocated, {f['cuda_max_reserved_gib']:.2f} GiB reserved"))

@@ -230,3 +230,25 @@ def test_quality_guard_catches_bf16_round_to_nearest(tiny_sd_dir, fp32_run, tmp_
     deviation = _relative_deviation(curve, reference)
     print(f"bf16 round-to-nearest: max relative deviation of the {WINDOW}-step moving average {deviation:.4f}")
     assert deviation > 5 * TOLERANCE
+
+
+def test_bf16_adamw_in_chunks_equals_one_pass(monkeypatch):
+    """Chunking bounds the fp32 temporaries; with round-to-nearest it must not change a single bit
+    (with stochastic rounding only the random bits' order differs)."""
+    torch.manual_seed(0)
+    start = torch.randn(1000, 3).to(torch.bfloat16)
+    grads = [torch.randn(1000, 3).to(torch.bfloat16) for _ in range(3)]
+
+    def run(chunk: int):
+        monkeypatch.setattr(AdamWStochasticRounding, "CHUNK", chunk)
+        w = torch.nn.Parameter(start.clone())
+        opt = AdamWStochasticRounding([w], lr=1e-2, stochastic_rounding=False, moments_dtype=torch.bfloat16)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        st = opt.state[w]
+        return w.detach(), st["exp_avg"], st["exp_avg_sq"], st["step"]
+
+    one, chunked = run(1 << 22), run(7)  # 3000 elements: one pass vs 429 chunks
+    assert all(torch.equal(a, b) for a, b in zip(one, chunked))
+    assert chunked[3].item() == 3 and not torch.equal(chunked[0], start)

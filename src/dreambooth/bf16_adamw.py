@@ -37,7 +37,7 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
 
     The update is torch's own AdamW (its functional `adamw`, fused kernel on CPU and CUDA), so fp32
     weights are updated in place exactly as torch.optim.AdamW(fused=True) does. For bf16 weights
-    the weight and gradient are copied to fp32 one tensor at a time, the update is applied to the
+    the weight, gradient and moments are copied to fp32 a chunk at a time, the update is applied to the
     copy, and the result is written back with `stochastic_round_` (or round-to-nearest with
     `stochastic_rounding=False`, kept for the test that shows what it loses). State keys and
     layout match torch.optim.AdamW's ("step", "exp_avg", "exp_avg_sq").
@@ -77,18 +77,43 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-                # fp32 tensors are updated in place; others through an fp32 copy, written back below
-                stored = [p, state["exp_avg"], state["exp_avg_sq"]]
-                weight, exp_avg, exp_avg_sq = [t if t.dtype == torch.float32 else t.float() for t in stored]
-                # torch's AdamW maths in one pass over the tensor (its fused kernel; it counts the step)
-                adamw([weight], [p.grad.float()], [exp_avg], [exp_avg_sq], [], [state["step"]],
-                      fused=p.device.type in ("cpu", "cuda"), amsgrad=False, beta1=group["betas"][0],
-                      beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                      maximize=False)
-                for target, value in zip(stored, (weight, exp_avg, exp_avg_sq)):
-                    if value is not target:
-                        if group["stochastic_rounding"]:
-                            stochastic_round_(target, value)
-                        else:
-                            target.copy_(value)  # round-to-nearest
+                stored = [p, state["exp_avg"], state["exp_avg_sq"], p.grad]
+                if all(t.dtype == torch.float32 for t in stored):  # fp32: in place, exactly torch's AdamW
+                    self._update(group, *stored, state["step"])
+                    continue
+                # Others go through fp32 copies, CHUNK elements at a time, so the temporaries stay
+                # small however large the tensor (SD's token embedding has 38 M weights: unchunked,
+                # its fp32 copies and rounding bits took ~0.9 GB at the peak of a low-memory step).
+                step = state["step"].clone()
+                for pieces in self._chunks(stored):
+                    weight, exp_avg, exp_avg_sq, grad = [t if t.dtype == torch.float32 else t.float() for t in pieces]
+                    chunk_step = step.clone()  # each chunk takes the same step number
+                    self._update(group, weight, exp_avg, exp_avg_sq, grad, chunk_step)
+                    for target, value in zip(pieces[:3], (weight, exp_avg, exp_avg_sq)):
+                        if value is not target:
+                            if group["stochastic_rounding"]:
+                                stochastic_round_(target, value)
+                            else:
+                                target.copy_(value)  # round-to-nearest
+                state["step"].copy_(chunk_step)
         return loss
+
+    CHUNK = 1 << 22  # elements per fp32 working copy (16 MB each)
+
+    @classmethod
+    def _chunks(cls, tensors: list[torch.Tensor]):
+        """Matching slices of same-shaped tensors; a non-contiguous set (channels_last) in one piece."""
+        if not all(t.is_contiguous() for t in tensors):
+            yield tensors
+            return
+        flat = [t.view(-1) for t in tensors]
+        for start in range(0, flat[0].numel(), cls.CHUNK):
+            yield [t[start:start + cls.CHUNK] for t in flat]
+
+    @staticmethod
+    def _update(group, weight, exp_avg, exp_avg_sq, grad, step) -> None:
+        """torch's AdamW maths in one pass (its fused kernel on CPU and CUDA); increments `step`."""
+        adamw([weight], [grad], [exp_avg], [exp_avg_sq], [], [step],
+              fused=weight.device.type in ("cpu", "cuda"), amsgrad=False, beta1=group["betas"][0],
+              beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+              maximize=False)

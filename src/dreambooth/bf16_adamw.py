@@ -83,7 +83,8 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
                     continue
                 # Others go through fp32 copies, CHUNK elements at a time, so the temporaries stay
                 # small however large the tensor (SD's token embedding has 38 M weights: unchunked,
-                # its fp32 copies and rounding bits took ~0.9 GB at the peak of a low-memory step).
+                # its fp32 copies and rounding bits are ~0.9 GB. The CPU R15 peak turned out to lie
+                # elsewhere - bench/RESULTS.md - but no step should need that much scratch).
                 step = state["step"].clone()
                 for pieces in self._chunks(stored):
                     weight, exp_avg, exp_avg_sq, grad = [t if t.dtype == torch.float32 else t.float() for t in pieces]

@@ -66,6 +66,19 @@ def count_step_flops(model_dir: Path, batch: int, resolution: int, train_te: boo
     return counter.get_total_flops()
 
 
+def build_in_child(path: Path, arch: str) -> Path:
+    """Write the random-weight `arch` pipeline to `path` from a child process, so that this
+    process's peak RSS is the training run's alone (imports + load + train), not the construction's."""
+    from dreambooth.tiny import build_sd
+
+    build = multiprocessing.get_context("spawn").Process(target=build_sd, args=(path, arch))
+    build.start()
+    build.join()
+    if build.exitcode:
+        sys.exit(f"building the {arch} model failed (exit code {build.exitcode})")
+    return path
+
+
 class WindowPeak:
     """Peak memory over the timed steps only (R15's window), not load time or the warmup steps.
 
@@ -143,7 +156,7 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dreambooth.config import build_config
-    from dreambooth.tiny import ARCHITECTURES, build_sd, write_photos
+    from dreambooth.tiny import ARCHITECTURES, write_photos
     from dreambooth.train import train
 
     spec = ARCHITECTURES[args.arch]
@@ -151,14 +164,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        # Built in a child process, so that this process's peak RSS is the training run's alone
-        # (imports + load + train), not the random-weight model construction's.
-        build = multiprocessing.get_context("spawn").Process(target=build_sd, args=(tmp / "model", args.arch))
-        build.start()
-        build.join()
-        if build.exitcode:
-            sys.exit(f"building the {args.arch} model failed (exit code {build.exitcode})")
-        model = tmp / "model"
+        model = build_in_child(tmp / "model", args.arch)
         build_seconds = time.perf_counter() - t0
         write_photos(tmp / "photos", 5, seed=0, size=resolution)
         write_photos(tmp / "class", 5, seed=1, size=resolution)

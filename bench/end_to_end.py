@@ -15,13 +15,14 @@ every run: 5 photos, 10 class images, 50 steps, batch 1, text encoder frozen, la
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench import build_in_child  # bench/bench.py, beside this script
 
 
 def main() -> None:
@@ -40,15 +41,13 @@ def main() -> None:
     os.environ["ACCELERATE_USE_CPU"] = "true"
     from dreambooth.config import build_config
     from dreambooth.data.class_images import ensure_class_images
-    from dreambooth.tiny import ARCHITECTURES, build_sd, write_photos
+    from dreambooth.tiny import ARCHITECTURES, write_photos
     from dreambooth.train import class_image_settings, train
 
     resolution = ARCHITECTURES[args.arch]["resolution"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build = multiprocessing.get_context("spawn").Process(target=build_sd, args=(tmp / "model", args.arch))
-        build.start()
-        build.join()
+        build_in_child(tmp / "model", args.arch)
         write_photos(tmp / "photos", 5, seed=0, size=resolution)
         cfg = build_config({
             "model": {"path": str(tmp / "model")},

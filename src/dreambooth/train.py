@@ -73,7 +73,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if clash:
             raise DreamBoothError(f"DeepSpeed (accelerate config) cannot run with {', '.join(clash)}: accelerate prepares "
                                   "one model for DeepSpeed, which also owns precision and the optimizer step. Turn them "
-                                  "off, or use the low-memory preset without DeepSpeed (configs/accelerate/zero2_offload.yaml)")
+                                  "off (see configs/accelerate/zero2_offload.yaml), or drop DeepSpeed and use --preset low-memory")
     if cfg.optim.fused_backward and accelerator.num_processes > 1:
         raise DreamBoothError("optim.fused_backward=true steps each parameter before the gradients are averaged "
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")

@@ -21,8 +21,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from ..checkpoint import atomic_write_text
 from . import world
 from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings
 
@@ -46,7 +47,7 @@ class Run:
 
 
 def runs() -> list[Run]:
-    """The sweep. Keys are referenced by `TABLES`."""
+    """The sweep. `render` refers to the runs by key."""
     lr_runs = [Run(f"lr-{lr_name(lr)}", {"optim.lr": lr}, STEPS) for lr in (LOW_LR, MID_LR, HIGH_LR)]
     return [
         *lr_runs,
@@ -75,9 +76,7 @@ def _load(path: Path) -> dict:
 
 
 def _save(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _settings(sampler: tuple[str, int], n: int, seed: int) -> EvalSettings:
@@ -268,6 +267,4 @@ def update_readme(readme: str | Path, tables: str) -> None:
         raise ValueError(f"{readme} has no {BEGIN} ... {END} block to fill")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    tmp = readme.with_suffix(".tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{tables}\n{END}{tail}")
-    tmp.replace(readme)
+    atomic_write_text(readme, f"{head}{BEGIN}\n{tables}\n{END}{tail}")

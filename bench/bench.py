@@ -135,12 +135,13 @@ def main() -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="memory.cache_latents=false and memory.cache_text_embeddings=false: encode every step")
     p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "classic"], help="memory.attention")
     p.add_argument("--channels-last", action="store_true", help="memory.channels_last=true")
     p.add_argument("--compile", action="store_true", help="memory.compile_unet=true (compile time is reported apart)")
     p.add_argument("--fused-backward", action="store_true", help="optim.fused_backward=true (implies --no-clip)")
     p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="memory.weights_dtype (bf16 needs --mixed-precision bf16)")
-    p.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="optim.moments_dtype (bf16 needs --weights-dtype bf16)")
     p.add_argument("--no-clip", action="store_true", help="optim.max_grad_norm=null")
     p.add_argument("--preset", default=None, help="a training preset (fast, low-memory, ...) under the other settings")
@@ -186,6 +187,8 @@ def main() -> None:
                                               ("channels_last", args.channels_last), ("compile_unet", args.compile)] if on})
         if args.checkpoint_levels:
             memory["checkpoint_levels"] = args.checkpoint_levels
+        if args.attention != "sdpa":
+            memory["attention"] = args.attention
         if args.no_cache:
             memory.update(cache_latents=False, cache_text_embeddings=False)
         cfg = build_config({
@@ -220,7 +223,7 @@ def main() -> None:
         "method": args.method, "text_encoder": args.train_text_encoder, "prior": args.prior,
         "preset": args.preset, "mixed_precision": cfg.memory.mixed_precision,
         "gradient_checkpointing": cfg.memory.gradient_checkpointing, "checkpoint_levels": cfg.memory.checkpoint_levels,
-        "channels_last": cfg.memory.channels_last, "cache_latents": cfg.cache_latents,
+        "channels_last": cfg.memory.channels_last, "attention": cfg.memory.attention, "cache_latents": cfg.cache_latents,
         "cache_text_embeddings": cfg.cache_text_embeddings,
         "compile_unet": cfg.memory.compile_unet, "weights_dtype": cfg.memory.weights_dtype,
         "moments_dtype": cfg.optim.moments_dtype,
@@ -248,7 +251,7 @@ def print_table(f: dict) -> None:
                          f"prior {'on' if f['prior'] else 'off'}, batch {f['batch_size']}"),
         ("device", f"{f['device']}, {f['threads']} threads, torch {f['torch']}, precision {f['mixed_precision']}"),
         ("options", f"preset {f['preset']}, weights {f['weights_dtype']}, moments {f['moments_dtype']}, "
-                    f"channels_last {f['channels_last']}, cache latents/text {f['cache_latents']}/{f['cache_text_embeddings']}, "
+                    f"attention {f['attention']}, channels_last {f['channels_last']}, cache latents/text {f['cache_latents']}/{f['cache_text_embeddings']}, "
                     f"compile {f['compile_unet']}, fused_backward {f['fused_backward']}, "
                     f"checkpointing {f['gradient_checkpointing']} (levels {f['checkpoint_levels'] or 'all'}), clip {f['max_grad_norm']}, {f['optimizer']}"),
         ("trainable parameters", f"{f['trainable_parameters']:,}"),

@@ -1,6 +1,7 @@
 """Every training option runs through the real recipe on the tiny model and gives finite, learning losses."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -51,11 +52,32 @@ def test_two_concepts_with_captions(tiny_sd_dir, tmp_path):
     assert len(manifests) == 2 and "a photo of a cat" in manifests[1].read_text()
 
 
-def test_adamw8bit_without_cuda_is_a_clear_error(tiny_sd_dir, photos, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(DreamBoothError, match="adamw8bit"):
-        train(make_cfg(tiny_sd_dir, photos, tmp_path / "o", optim={"optimizer": "adamw8bit"}))
+@pytest.mark.parametrize("settings, key", [
+    ({"optim": {"optimizer": "adamw8bit"}}, "optim.optimizer=adamw8bit"),
+    ({"optim": {"moments_dtype": "int8"}, "memory": {"weights_dtype": "bf16", "mixed_precision": "bf16"}},
+     "optim.moments_dtype=int8"),
+])
+def test_8bit_settings_without_a_usable_bitsandbytes_are_clear_errors(tiny_sd_dir, photos, tmp_path, monkeypatch,
+                                                                      settings, key):
+    """Not installed, or installed without kernels for this device: refused before training, naming
+    the setting and the fix."""
+    import sys
+
+    import bitsandbytes.functional
+
+    cfg = make_cfg(tiny_sd_dir, photos, tmp_path / "o", **settings)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+        with pytest.raises(DreamBoothError, match=f"{re.escape(key)} needs bitsandbytes: pip install bitsandbytes"):
+            train(cfg)
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'bitsandbytes::quantize_blockwise' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_blockwise", no_kernel)
+    with pytest.raises(DreamBoothError, match=rf"{re.escape(key)}: bitsandbytes \S+ has no 8-bit kernels for (cpu|cuda) "
+                                              r"\(NotImplementedError\); pip install -U bitsandbytes"):
+        train(cfg)
 
 
 def test_text_encoder_stop_step_freezes_it(tiny_sd_dir, photos, tmp_path):
@@ -94,6 +116,24 @@ def test_partial_gradient_checkpointing_marks_high_resolution_blocks_and_trains_
         make_cfg(tiny_sd_dir, photos, tmp_path / "y", memory={"checkpoint_levels": 1}).validate()
     with pytest.raises(DreamBoothError, match="between 1 and the UNet's"):
         apply_memory_options(comps, make_cfg(tiny_sd_dir, photos, tmp_path / "z", memory={"gradient_checkpointing": True, "checkpoint_levels": 9}))
+
+
+def test_classic_attention_is_the_same_maths_as_sdpa(tiny_sd_dir, photos, tmp_path):
+    """memory.attention=classic (kept to measure what SDPA saves) swaps every UNet attention
+    processor and computes the same thing."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from dreambooth.models.load import load_components
+    from dreambooth.models.memory import apply_memory_options
+
+    cfg = make_cfg(tiny_sd_dir, photos, tmp_path / "x", memory={"attention": "classic"})
+    comps = load_components(cfg.model.path, cfg.model.family)
+    default = {type(p) for p in comps.unet.attn_processors.values()}
+    apply_memory_options(comps, cfg)
+    assert default != {AttnProcessor} and {type(p) for p in comps.unet.attn_processors.values()} == {AttnProcessor}
+    losses = {name: list(train(make_cfg(tiny_sd_dir, photos, tmp_path / name, train={"max_steps": 3},
+                                        memory={"attention": name})).losses.values()) for name in ("sdpa", "classic")}
+    assert losses["classic"] == pytest.approx(losses["sdpa"], rel=1e-4)
 
 
 def test_deepspeed_launch_refuses_what_deepspeed_cannot_run(tiny_sd_dir, photos, tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ x *in expectation* and a thousand tiny updates add up to what fp32 would have gi
 2015, "Deep Learning with Limited Numerical Precision"; Zamirai et al. 2020, "Revisiting
 BFloat16 Training"). `tests/test_speed_modes.py` shows both halves of that claim.
 
-The moments (exp_avg, exp_avg_sq) stay fp32, so the memory per weight is 2 (weight) + 2
-(gradient) + 8 (moments) bytes instead of 16. The random bits come from torch's global RNG on the
+The moments (exp_avg, exp_avg_sq) stay fp32 by default, so the memory per weight is 2 (weight) +
+2 (gradient) + 8 (moments) bytes instead of 16; bf16 moments make it 2 + 2 + 4, and 8-bit moments
+(bitsandbytes' blockwise quantization, as in its AdamW8bit) 2 + 2 + 2. The random bits come from torch's global RNG on the
 weight's device, which every checkpoint saves, so a resumed run draws the same bits.
 """
 
@@ -32,6 +33,9 @@ def stochastic_round_(target: torch.Tensor, source: torch.Tensor) -> torch.Tenso
     return target.copy_(rounded.view(torch.float32))  # exact: the dropped bits are zero
 
 
+_DYNAMIC_MAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # 8-bit code books, per device
+
+
 class AdamWStochasticRounding(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019, decoupled weight decay) for weights of any float dtype.
 
@@ -45,7 +49,20 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
     `moments_dtype=torch.bfloat16` stores the two moments in bf16 too (4 instead of 8 bytes per
     weight), read in fp32 and written back the same way: with beta2 = 0.999 each step changes
     exp_avg_sq by 0.1%, below bf16's resolution (0.4%), so it also needs stochastic rounding.
+
+    `moments_dtype=torch.uint8` stores them 8-bit (2 bytes per weight for both): bitsandbytes'
+    blockwise dynamic quantization (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+    Quantization"), the storage of its AdamW8bit: one fp32 scale per 256 values, a signed dynamic map
+    for exp_avg and an unsigned one for exp_avg_sq, and fp32 moments for tensors under
+    MIN_8BIT_SIZE values. Each chunk is dequantized to fp32, updated by
+    the same AdamW maths and quantized back; the weight still gets stochastic rounding.
     """
+
+    QUANT_BLOCK = 256  # values per fp32 scale (bitsandbytes' AdamW8bit uses 256 too)
+    # As bitsandbytes' min_8bit_size: smaller tensors (biases, norms) keep fp32 moments. Their
+    # memory is negligible (SD 1.5: under 1% of the weights) and 8 bits hurt them most: on the
+    # tiny model the guard's deviation was 0.0108 with them quantized.
+    MIN_8BIT_SIZE = 4096
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, stochastic_rounding: bool = True, moments_dtype: torch.dtype = torch.float32):
@@ -55,12 +72,14 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating-point state to each weight's dtype on load; the moments keep their
-        # own dtype by design, so put the saved tensors back rather than a recast copy.
+        # torch casts floating-point state to each weight's dtype on load; the moments (and the 8-bit
+        # moments' fp32 scales) keep their own dtype by design, so put the saved tensors back rather
+        # than a recast copy.
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                self.state[params[index]][key] = saved[key].to(device=params[index].device)
+            for key, value in saved.items():
+                if key != "step":
+                    self.state[params[index]][key] = value.to(device=params[index].device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,10 +92,16 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
+                moments_dtype = self.moments_dtype
+                if moments_dtype == torch.uint8:
+                    if p.numel() >= self.MIN_8BIT_SIZE:
+                        self._step_8bit(group, p, state)
+                        continue
+                    moments_dtype = torch.float32
                 if not state:  # as torch.optim.AdamW(fused=True) lays its state out
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments_dtype)
                 stored = [p, state["exp_avg"], state["exp_avg_sq"], p.grad]
                 if all(t.dtype == torch.float32 for t in stored):  # fp32: in place, exactly torch's AdamW
                     self._update(group, *stored, state["step"])
@@ -99,7 +124,46 @@ class AdamWStochasticRounding(torch.optim.Optimizer):
                 state["step"].copy_(chunk_step)
         return loss
 
-    CHUNK = 1 << 22  # elements per fp32 working copy (16 MB each)
+    CHUNK = 1 << 22  # elements per fp32 working copy (16 MB each); a multiple of QUANT_BLOCK
+
+    def _step_8bit(self, group: dict, p: torch.Tensor, state: dict) -> None:
+        """One AdamW step with 8-bit moments, CHUNK elements at a time (chunks start on block edges,
+        so chunked and whole-tensor quantization are the same)."""
+        import bitsandbytes.functional as bnbf
+
+        n = p.numel()
+        if not state:
+            blocks = -(-n // self.QUANT_BLOCK)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for key in ("exp_avg", "exp_avg_sq"):  # all-zero codes with scale 0 dequantize to 0
+                state[key] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+                state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        if p.device not in _DYNAMIC_MAPS:  # shared: with fused_backward there is one optimizer per tensor
+            _DYNAMIC_MAPS[p.device] = (bnbf.create_dynamic_map(signed=True).to(p.device),
+                                       bnbf.create_dynamic_map(signed=False).to(p.device))
+        codes = dict(zip(("exp_avg", "exp_avg_sq"), _DYNAMIC_MAPS[p.device]))
+        # Logical-order flat views; a channels_last weight is copied and written back at the end.
+        weight_flat, grad_flat = p.reshape(-1), p.grad.reshape(-1)
+        step = state["step"].clone()
+        for start in range(0, n, self.CHUNK):
+            end = min(start + self.CHUNK, n)
+            first, last = start // self.QUANT_BLOCK, -(-end // self.QUANT_BLOCK)
+            moments = {key: (state[key][start:end], state[key + "_absmax"][first:last]) for key in codes}
+            exp_avg, exp_avg_sq = [
+                bnbf.dequantize_blockwise(q, absmax=absmax, code=codes[key], blocksize=self.QUANT_BLOCK)
+                for key, (q, absmax) in moments.items()]
+            weight, grad = weight_flat[start:end].float(), grad_flat[start:end].float()
+            chunk_step = step.clone()
+            self._update(group, weight, exp_avg, exp_avg_sq, grad, chunk_step)
+            for key, value in zip(moments, (exp_avg, exp_avg_sq)):
+                q, absmax = moments[key]
+                bnbf.quantize_blockwise(value, code=codes[key], absmax=absmax, out=q, blocksize=self.QUANT_BLOCK)
+            target = weight_flat[start:end]
+            if target.dtype != torch.float32:  # bf16: back to 16 bits (an fp32 weight was updated in place)
+                stochastic_round_(target, weight) if group["stochastic_rounding"] else target.copy_(weight)
+        if weight_flat.data_ptr() != p.data_ptr():  # not a view (non-contiguous weight): write back
+            p.copy_(weight_flat.view(p.shape))
+        state["step"].copy_(chunk_step)
 
     @classmethod
     def _chunks(cls, tensors: list[torch.Tensor]):

@@ -88,7 +88,7 @@ class TextEncoderConfig:
 @dataclass
 class OptimConfig:
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = _f(
-        "adamw", "adamw; adamw8bit (bitsandbytes, CUDA); adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
+        "adamw", "adamw; adamw8bit (bitsandbytes; CUDA, and CPU with a recent bitsandbytes: 0.50 measured); adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
     lr: float = _f(5e-6, "Learning rate (the blog: 1e-6..5e-6 for full fine-tuning; LoRA wants ~1e-4).")
     beta1: float = _f(0.9, "Adam beta1.")
     beta2: float = _f(0.999, "Adam beta2.")
@@ -98,10 +98,11 @@ class OptimConfig:
         "constant", "Learning-rate schedule (diffusers' get_scheduler).")
     warmup_steps: int = _f(0, "Linear warmup steps.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value; null = no clipping.")
-    moments_dtype: Literal["fp32", "bf16"] = _f(
+    moments_dtype: Literal["fp32", "bf16", "int8"] = _f(
         "fp32", "Storage dtype of AdamW's two moments. bf16 halves them (4 instead of 8 bytes per weight; for SD 1.5 "
-        "7.9 -> 3.9 GB), updated in fp32 and stored with stochastic rounding like the weights. Needs "
-        "memory.weights_dtype=bf16.")
+        "7.9 -> 3.9 GB), updated in fp32 and stored with stochastic rounding like the weights. int8 quarters them "
+        "(2 bytes per weight, 2.0 GB for SD 1.5): bitsandbytes' blockwise 8-bit quantization, as in its AdamW8bit "
+        "(needs bitsandbytes). Needs memory.weights_dtype=bf16 (for fp32 weights use optim.optimizer=adamw8bit).")
     fused_backward: bool = _f(
         False, "Step the optimizer inside the backward pass, one parameter at a time, as soon as its gradient is "
         "ready, then free that gradient: only one parameter's gradient lives at a time (saves the memory of all "
@@ -117,7 +118,9 @@ class MemoryConfig:
         0, "With gradient_checkpointing: recompute only the UNet blocks at the N highest resolutions (down and up "
         "blocks of the first N levels, where activations are largest); 0 = every block. Partial checkpointing buys "
         "back part of the speed for part of the memory (bench/RESULTS.md).")
-    attention: Literal["sdpa", "xformers"] = _f("sdpa", "Attention kernel: PyTorch SDPA (memory-efficient, default) or xFormers.")
+    attention: Literal["sdpa", "xformers", "classic"] = _f(
+        "sdpa", "UNet attention kernel: PyTorch SDPA (memory-efficient, the default), xFormers, or classic (the whole "
+        "attention matrix in memory: only to measure what the others save, bench/RESULTS.md).")
     cache_latents: Optional[bool] = _f(None, "Encode each image with the VAE once. Default: on when augmentation is off.")
     cache_text_embeddings: Optional[bool] = _f(None, "Encode each prompt once. Default: on when the text encoder is frozen.")
     channels_last: bool = _f(False, "Keep the UNet's 4-D weights in channels_last (NHWC) memory format, the layout "
@@ -273,9 +276,10 @@ class TrainConfig:
                                   "memory.gradient_checkpointing=true (it chooses which blocks are checkpointed)")
         if self.memory.checkpoint_levels < 0:
             raise DreamBoothError(f"memory.checkpoint_levels must be 0 (every block) or more, got {self.memory.checkpoint_levels}")
-        if self.optim.moments_dtype == "bf16" and self.memory.weights_dtype != "bf16":
-            raise DreamBoothError("optim.moments_dtype=bf16 needs memory.weights_dtype=bf16 (the stochastic-rounding "
-                                  "AdamW); set both, or leave optim.moments_dtype=fp32")
+        if self.optim.moments_dtype != "fp32" and self.memory.weights_dtype != "bf16":
+            raise DreamBoothError(f"optim.moments_dtype={self.optim.moments_dtype} needs memory.weights_dtype=bf16 (the "
+                                  "stochastic-rounding AdamW); set both, or leave optim.moments_dtype=fp32"
+                                  + (" and use optim.optimizer=adamw8bit" if self.optim.moments_dtype == "int8" else ""))
         if self.validation.every_n_steps and not self.validation.prompts:
             raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
         return self

@@ -53,19 +53,20 @@ TRAIN_PRESETS: dict[str, dict[str, object]] = {
     # low-memory: the smallest peak without CPU offload. Gradient checkpointing keeps only block
     # boundaries' activations; the optimizer steps inside backward so that one parameter's
     # gradient lives at a time (which rules out global-norm clipping and gradient accumulation);
-    # the trained weights and AdamW's two moments are stored in bf16 and updated in fp32 with
-    # stochastic rounding (2 + 4 bytes per weight instead of 4 + 8), computed under bf16
-    # autocast. Below this: DeepSpeed ZeRO-2 with CPU offload through accelerate.
-    # Measured on CPU (1 thread): bench/RESULTS.md; the loss curve stays within 2% of fp32
-    # AdamW's (tests/test_speed_modes.py). By arithmetic, SD 1.5's UNet + text encoder weights,
-    # gradients and moments fall from 15.7 GB to 6.0 GB. Measured on CPU for the whole R15 step
-    # (512 px, text encoder trained, prior preservation): peak RSS 16.3 GiB -> 8.2 GiB, imports
-    # included; the GPU's max_memory_allocated needs a lent GPU.
+    # the trained weights are stored in bf16 and updated in fp32 with stochastic rounding, and
+    # AdamW's two moments in 8 bits (bitsandbytes' blockwise quantization, as its AdamW8bit):
+    # 2 + 2 bytes per weight instead of 4 + 8, computed under bf16 autocast. Below this: DeepSpeed
+    # ZeRO-2 with CPU offload through accelerate.
+    # The loss curve stays within 2% of fp32 AdamW's (tests/test_speed_modes.py). By arithmetic,
+    # SD 1.5's UNet + text encoder weights, gradients and moments fall from 15.7 GB to 4.0 GB.
+    # Measured on CPU for the whole R15 step (512 px, text encoder trained, prior preservation):
+    # peak RSS 16.3 GiB (fp32 with checkpointing) -> 8.2 GiB with bf16 moments -> 6.5 GiB with 8-bit
+    # moments, imports included (bench/RESULTS.md); the GPU's max_memory_allocated needs a lent GPU.
     "low-memory": {
         "memory.gradient_checkpointing": True,
         "memory.mixed_precision": "bf16",
         "memory.weights_dtype": "bf16",
-        "optim.moments_dtype": "bf16",
+        "optim.moments_dtype": "int8",
         "optim.fused_backward": True,
         "optim.max_grad_norm": None,
     },

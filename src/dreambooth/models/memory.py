@@ -32,6 +32,12 @@ def apply_memory_options(comps: Components, cfg: TrainConfig) -> None:
             raise DreamBoothError("memory.attention=xformers needs xFormers: pip install xformers (CUDA), "
                                   "or use memory.attention=sdpa, which is as memory-efficient on PyTorch >= 2") from None
         comps.unet.enable_xformers_memory_efficient_attention()
+    if cfg.memory.attention == "classic":
+        # The textbook attention: softmax(QK^T)V with the whole token-by-token matrix in memory
+        # (at 512 px, 4096 x 4096 per head at the highest level). Kept to measure what SDPA saves.
+        from diffusers.models.attention_processor import AttnProcessor
+
+        comps.unet.set_attn_processor(AttnProcessor())
     # "sdpa": diffusers' default attention processor already calls torch's scaled_dot_product_attention.
     if cfg.memory.channels_last:
         # NHWC weights; convolutions then produce NHWC activations (tensor-core friendly on GPUs).

@@ -1,3 +1,10 @@
 """dreambooth: teach a text-to-image diffusion model a new subject or style from a few photos."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (our 8-bit AdamW moments; peft imports it too) warns on import, on a CPU with
+# AVX-512 BF16, that an optional 4-bit matmul kernel could not be fetched through the `kernels`
+# package. We use no 4-bit matmul, and nothing may be fetched at run time, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -20,19 +20,10 @@ def import_bitsandbytes(needed_by: str):
     here), on CPU; a build without kernels for this device is found by a 256-value quantization
     probe before training starts, not at the first optimizer step.
     """
-    import logging
-
-    # On a CPU with AVX-512 BF16, importing bitsandbytes tries to fetch an optional 4-bit matmul kernel
-    # through the `kernels` package and warns when that is absent; we use no 4-bit matmul.
-    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops_log.level
-    cpu_ops_log.setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise DreamBoothError(f"{needed_by} needs bitsandbytes: pip install bitsandbytes") from None
-    finally:
-        cpu_ops_log.setLevel(level)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         bnb.functional.quantize_blockwise(torch.zeros(256, device=device), blocksize=256)

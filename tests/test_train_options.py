@@ -52,13 +52,13 @@ def test_two_concepts_with_captions(tiny_sd_dir, tmp_path):
     assert len(manifests) == 2 and "a photo of a cat" in manifests[1].read_text()
 
 
-@pytest.mark.parametrize("settings, key", [
-    ({"optim": {"optimizer": "adamw8bit"}}, "optim.optimizer=adamw8bit"),
+@pytest.mark.parametrize("settings, key, instead", [
+    ({"optim": {"optimizer": "adamw8bit"}}, "optim.optimizer=adamw8bit", "optim.optimizer=adamw"),
     ({"optim": {"moments_dtype": "int8"}, "memory": {"weights_dtype": "bf16", "mixed_precision": "bf16"}},
-     "optim.moments_dtype=int8"),
+     "optim.moments_dtype=int8", "optim.moments_dtype=bf16"),
 ])
 def test_8bit_settings_without_a_usable_bitsandbytes_are_clear_errors(tiny_sd_dir, photos, tmp_path, monkeypatch,
-                                                                      settings, key):
+                                                                      settings, key, instead):
     """Not installed, or installed without kernels for this device: refused before training, naming
     the setting and the fix."""
     import sys
@@ -68,7 +68,7 @@ def test_8bit_settings_without_a_usable_bitsandbytes_are_clear_errors(tiny_sd_di
     cfg = make_cfg(tiny_sd_dir, photos, tmp_path / "o", **settings)
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-        with pytest.raises(DreamBoothError, match=f"{re.escape(key)} needs bitsandbytes: pip install bitsandbytes"):
+        with pytest.raises(DreamBoothError, match=re.escape(f"{key} needs bitsandbytes: pip install bitsandbytes, or use {instead}")):
             train(cfg)
 
     def no_kernel(*args, **kwargs):
@@ -76,7 +76,7 @@ def test_8bit_settings_without_a_usable_bitsandbytes_are_clear_errors(tiny_sd_di
 
     monkeypatch.setattr(bitsandbytes.functional, "quantize_blockwise", no_kernel)
     with pytest.raises(DreamBoothError, match=rf"{re.escape(key)}: bitsandbytes \S+ has no 8-bit kernels for (cpu|cuda) "
-                                              r"\(NotImplementedError\); pip install -U bitsandbytes"):
+                                              r"\(NotImplementedError\); pip install -U bitsandbytes, or use " + re.escape(instead)):
         train(cfg)
 
 

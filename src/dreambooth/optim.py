@@ -13,8 +13,8 @@ from .errors import DreamBoothError
 MOMENTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
 
 
-def import_bitsandbytes(needed_by: str):
-    """bitsandbytes, or a DreamBoothError naming the setting that needs it and the fix.
+def import_bitsandbytes(needed_by: str, instead: str):
+    """bitsandbytes, or a DreamBoothError naming the setting that needs it, the fix and the setting to use `instead`.
 
     Its 8-bit optimizers and blockwise quantization run on CUDA and, in recent releases (0.50.2
     here), on CPU; a build without kernels for this device is found by a 256-value quantization
@@ -23,14 +23,13 @@ def import_bitsandbytes(needed_by: str):
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise DreamBoothError(f"{needed_by} needs bitsandbytes: pip install bitsandbytes") from None
+        raise DreamBoothError(f"{needed_by} needs bitsandbytes: pip install bitsandbytes, or use {instead}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         bnb.functional.quantize_blockwise(torch.zeros(256, device=device), blocksize=256)
     except (NotImplementedError, RuntimeError) as err:
         raise DreamBoothError(f"{needed_by}: bitsandbytes {bnb.__version__} has no 8-bit kernels for {device} "
-                              f"({type(err).__name__}); pip install -U bitsandbytes, or use optim.optimizer=adamw "
-                              "with optim.moments_dtype=bf16") from None
+                              f"({type(err).__name__}); pip install -U bitsandbytes, or use {instead}") from None
     return bnb
 
 
@@ -52,7 +51,7 @@ def _build(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
         from .bf16_adamw import AdamWStochasticRounding
 
         if o.moments_dtype == "int8":
-            import_bitsandbytes("optim.moments_dtype=int8")  # its blockwise quantization stores the moments
+            import_bitsandbytes("optim.moments_dtype=int8", "optim.moments_dtype=bf16")  # its blockwise quantization stores the moments
         return AdamWStochasticRounding(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps,
                                        moments_dtype=MOMENTS_DTYPES[o.moments_dtype])
     if name == "adamw":
@@ -64,7 +63,7 @@ def _build(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
         except RuntimeError:  # a device or dtype without the fused kernel
             return torch.optim.AdamW(param_groups, **kwargs)
     if name == "adamw8bit":
-        bnb = import_bitsandbytes("optim.optimizer=adamw8bit")
+        bnb = import_bitsandbytes("optim.optimizer=adamw8bit", "optim.optimizer=adamw")
         return bnb.optim.AdamW8bit(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
     if name == "adafactor":
         from transformers.optimization import Adafactor

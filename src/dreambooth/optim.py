@@ -39,6 +39,12 @@ def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.O
     With optim.fused_backward, one optimizer of the chosen kind per parameter, stepped from the
     backward pass (`OptimizerInBackward`); otherwise one optimizer over all groups.
     """
+    # Checked once here, not in _build: with fused_backward that runs once per parameter.
+    # (The config allows int8 moments only with bf16 weights, i.e. our AdamW.)
+    if cfg.optim.optimizer == "adamw8bit":
+        import_bitsandbytes("optim.optimizer=adamw8bit", "optim.optimizer=adamw")
+    elif cfg.optim.moments_dtype == "int8":
+        import_bitsandbytes("optim.moments_dtype=int8", "optim.moments_dtype=bf16")
     if cfg.optim.fused_backward:
         return OptimizerInBackward(param_groups, lambda groups: _build(groups, cfg))
     return _build(param_groups, cfg)
@@ -50,8 +56,6 @@ def _build(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     if name == "adamw" and cfg.memory.weights_dtype == "bf16":
         from .bf16_adamw import AdamWStochasticRounding
 
-        if o.moments_dtype == "int8":
-            import_bitsandbytes("optim.moments_dtype=int8", "optim.moments_dtype=bf16")  # its blockwise quantization stores the moments
         return AdamWStochasticRounding(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps,
                                        moments_dtype=MOMENTS_DTYPES[o.moments_dtype])
     if name == "adamw":
@@ -63,7 +67,7 @@ def _build(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
         except RuntimeError:  # a device or dtype without the fused kernel
             return torch.optim.AdamW(param_groups, **kwargs)
     if name == "adamw8bit":
-        bnb = import_bitsandbytes("optim.optimizer=adamw8bit", "optim.optimizer=adamw")
+        import bitsandbytes as bnb  # checked in build_optimizer
         return bnb.optim.AdamW8bit(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
     if name == "adafactor":
         from transformers.optimization import Adafactor

@@ -1,7 +1,7 @@
 """Measure a DreamBooth output (or any pipeline folder) on a miniature-world subject.
 
-    python scripts/miniworld_evaluate.py OUTPUT --subject banded_heart --base assets/miniworld/base --json eval.json
-    python scripts/miniworld_evaluate.py assets/miniworld/base --subject banded_heart   # the base alone
+    python scripts/miniworld_evaluate.py OUTPUT --subject banded_heart --base src/dreambooth/miniworld/assets/base --json eval.json
+    python scripts/miniworld_evaluate.py src/dreambooth/miniworld/assets/base --subject banded_heart   # the base alone
 
 Prints a table; with --json also writes the full result. See src/dreambooth/miniworld/evaluate.py.
 """

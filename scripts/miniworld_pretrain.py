@@ -1,8 +1,8 @@
 """Pretrain the miniature world's models from scratch, one stage at a time.
 
-    python scripts/miniworld_pretrain.py --stage vae --minutes 12         # -> assets/miniworld/base/vae
-    python scripts/miniworld_pretrain.py --stage classifier --minutes 6   # -> assets/miniworld/classifier
-    python scripts/miniworld_pretrain.py --stage base --minutes 40 --tokenizer TOK   # -> assets/miniworld/base
+    python scripts/miniworld_pretrain.py --stage vae --minutes 12         # -> src/dreambooth/miniworld/assets/base/vae
+    python scripts/miniworld_pretrain.py --stage classifier --minutes 6   # -> src/dreambooth/miniworld/assets/classifier
+    python scripts/miniworld_pretrain.py --stage base --minutes 40 --tokenizer TOK   # -> src/dreambooth/miniworld/assets/base
 
 TOK is the full CLIP tokenizer (49,408 tokens, `sks` = 48136), derived from the vocabulary file
 the open-clip-torch wheel ships:
@@ -12,7 +12,7 @@ the open-clip-torch wheel ships:
 
 Run the stages in this order (the classifier and the base use the VAE). Each stage is
 deterministic for a given `--steps`; with `--minutes` only, it sizes itself to the budget and
-records the step count it chose in assets/miniworld/recipe.json. Runs on one CPU thread by
+records the step count it chose in src/dreambooth/miniworld/assets/recipe.json. Runs on one CPU thread by
 default (`--threads`), on CUDA when available.
 """
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=["vae", "classifier", "base"], required=True)
     parser.add_argument("--minutes", type=float, default=None, help="time budget; sets the step count after a short probe")
     parser.add_argument("--steps", type=int, default=None, help="exact number of steps (replays a recorded run)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: under assets/miniworld)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: under src/dreambooth/miniworld/assets)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="stage base: CLIP tokenizer folder from scripts/make_clip_tokenizer.py (default: the base's own)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

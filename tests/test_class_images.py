@@ -349,7 +349,6 @@ def test_corrupt_manifest_names_the_line(tiny_sd_dir, tmp_path):
 @pytest.mark.parametrize(
     "bad, words",
     [
-        ({"resolution": 30}, "multiple of 8"),
         ({"num_images": 0}, "`num_images` must be >= 1"),
         ({"scheduler": "heun"}, "unknown `scheduler` 'heun'"),
     ],

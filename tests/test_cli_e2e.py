@@ -4,14 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from dreambooth.cli import main
 
 FULL_TREE = {
-    "README.md", "config.yaml", "model_index.json",
+    "README.md", "config.yaml", "model_index.json", ".export.json",
     "checkpoints/latest.json", "checkpoints/step-000004",
     "logs/metrics.jsonl", "samples/step-000002.png", "samples/step-000004.png",
     "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
@@ -20,7 +19,7 @@ FULL_TREE = {
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
 }
 LORA_TREE = {
-    "README.md", "config.yaml", "pytorch_lora_weights.safetensors",
+    "README.md", "config.yaml", "pytorch_lora_weights.safetensors", ".export.json",
     "checkpoints/latest.json", "checkpoints/step-000004",
     "logs/metrics.jsonl", "samples/step-000002.png", "samples/step-000004.png",
 }

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from dreambooth.miniworld import experiments, world
-from dreambooth.miniworld.evaluate import DEFAULT_BASE, roughness
+from dreambooth.miniworld.evaluate import roughness
 
-needs_base = pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(), reason="miniature base not built")
 
 
 def test_roughness_separates_clean_renders_from_noise():
@@ -21,7 +20,6 @@ def test_roughness_separates_clean_renders_from_noise():
     assert (r_clean > 0).all() and (r_noisy > r_clean + 0.05).all(), (r_clean, r_noisy)
 
 
-@needs_base
 def test_run_chain_resumes_and_caches(tmp_path, monkeypatch):
     run = experiments.Run("tiny", {"prior.enabled": False}, (1, 2), samplers=(experiments.DEFAULT_SAMPLER, ("pndm", 5)))
     results = experiments.run_one(run, tmp_path, n=1, verbose=False)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, to_dict
 from .errors import DreamBoothError
+from .files import atomic_write_text
 
 # Settings that must not change between a run and its resume: each changes what the remaining
 # steps compute or which weights exist. Others (max_steps, checkpoint/validation cadence,
@@ -48,12 +49,6 @@ def _get(d: dict, dotted: str):
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:

@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
+from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
 from .errors import DreamBoothError
 from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
 
@@ -71,20 +71,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
+    cfg = config_from_args(args).validate()  # before the heavy imports below: a typo fails in a fraction of a second
     from .train import summary, train
 
-    cfg = config_from_args(args)
     result = train(cfg)
     print(summary(result))
 
 
 def cmd_class_images(args) -> None:
-    from .data.class_images import ensure_class_images
-    from .train import class_image_settings
-
     cfg = config_from_args(args)
     cfg.prior.enabled = True
     cfg.validate()
+    from .data.class_images import ensure_class_images
+    from .models.load import check_resolution, detect_family
+    from .train import class_image_settings
+
+    check_resolution(cfg.data.resolution, cfg.model.path, detect_family(cfg.model.path, cfg.model.family))
     for concept in cfg.resolved_concepts():
         files = ensure_class_images(cfg.model.path, concept.class_dir, class_image_settings(cfg, concept),
                                     user_supplied=concept.class_images_user_supplied, device=_device())
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--preset", choices=sorted(SAMPLE_PRESETS), default="default",
                    help="default: DPM-Solver++ 25 steps; overfit: DDIM 100 steps (the blog's fix for overfit models)")
-    p.add_argument("--scheduler", default=None, help="ddim, pndm, lms, dpm++, euler, euler_a, ddpm (overrides --preset)")
+    p.add_argument("--scheduler", default=None, choices=SAMPLERS, help="sampler (overrides --preset)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (overrides --preset)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--num-images", type=int, default=4)
@@ -202,7 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """'--optim.lr -1e-4' -> '--optim.lr=-1e-4'.
+
+    argparse takes a value that starts with '-' for a flag unless it looks like a plain negative
+    integer or decimal, so '-1e-4' failed with "expected one argument" instead of reaching the
+    config check that explains what is wrong with it.
+    """
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -20,6 +20,11 @@ import yaml
 
 from .errors import DreamBoothError
 
+# Sampler names for validation, class images and `dreambooth sample` (sampling.SCHEDULERS maps
+# them to diffusers classes). A Literal, so a typo is refused when the config is read, not after
+# training.
+Sampler = Literal["ddim", "pndm", "lms", "dpm++", "euler", "euler_a", "ddpm"]
+SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 
 def _f(default: Any, help: str, **kw) -> Any:
     """A dataclass field with a help text (shown by --help and in the YAML reference)."""
@@ -61,7 +66,7 @@ class PriorConfig:
     enabled: bool = _f(False, "Prior preservation: also train on generated class images so the class noun keeps its meaning.")
     num_class_images: int = _f(100, "Class images per concept (the paper and blog use 100-200).")
     loss_weight: float = _f(1.0, "Weight of the class-image loss relative to the subject loss.")
-    scheduler: str = _f("dpm++", "Sampler for class images: ddim, pndm, lms, dpm++, euler, euler_a, ddpm.")
+    scheduler: Sampler = _f("dpm++", "Sampler for class images.")
     num_inference_steps: int = _f(25, "Sampling steps per class image (DPM-Solver++ is good at 20-25).")
     guidance_scale: float = _f(7.5, "Classifier-free guidance for class images.")
     negative_prompt: Optional[str] = _f(None, "Negative prompt for class images.")
@@ -145,7 +150,7 @@ class ValidationConfig:
     prompts: list[str] = _f([], "Prompts rendered every validation.every_n_steps steps and at the end.")
     every_n_steps: int = _f(0, "Validate every N steps (0 = only at the end, if prompts are given).")
     num_images: int = _f(4, "Images per prompt (seeds seed, seed+1, ...).")
-    scheduler: str = _f("dpm++", "Sampler: ddim, pndm, lms, dpm++, euler, euler_a, ddpm.")
+    scheduler: Sampler = _f("dpm++", "Sampler for validation images.")
     num_inference_steps: int = _f(25, "Sampling steps.")
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale.")
     negative_prompt: Optional[str] = _f(None, "Negative prompt.")
@@ -202,6 +207,10 @@ class TrainConfig:
         return self.data.random_flip or not self.data.center_crop
 
     @property
+    def trains_text_encoder(self) -> bool:
+        return self.text_encoder.train
+
+    @property
     def cache_latents(self) -> bool:
         return (not self.augment) if self.memory.cache_latents is None else self.memory.cache_latents
 
@@ -236,8 +245,8 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise DreamBoothError(f"{key} must be at least 1, got {value}")
-        if self.data.resolution % 8:
-            raise DreamBoothError(f"data.resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.data.resolution}")
+        # (data.resolution's multiple is the model's own latent factor, checked once the folder is known)
+        _check_choices(self)
         if self.optim.lr <= 0:
             raise DreamBoothError(f"optim.lr must be positive, got {self.optim.lr}")
         if not self.text_encoder.train and (self.text_encoder.stop_step is not None or self.text_encoder.lr is not None):
@@ -283,6 +292,17 @@ class TrainConfig:
         if self.validation.every_n_steps and not self.validation.prompts:
             raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
         return self
+
+
+def _check_choices(obj, prefix: str = "") -> None:
+    """Every Literal field holds one of its choices, also when the dataclass was built in Python."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal and value is not None and value not in typing.get_args(tp):
+            raise DreamBoothError(f"{prefix}{f.name} must be one of {', '.join(map(str, typing.get_args(tp)))}; got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------

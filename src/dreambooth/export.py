@@ -5,13 +5,14 @@ The output folder is directly loadable:
     full:  StableDiffusionPipeline.from_pretrained(OUTPUT)
     lora:  pipe = StableDiffusionPipeline.from_pretrained(BASE); pipe.load_lora_weights(OUTPUT)
 
-Everything is first written to a temporary folder beside it and then moved into place, so an
-interrupted export never leaves a half-written model over a good one.
+Everything is first written to a staging folder inside OUTPUT and then swapped in through a
+journal (`files.swap_in`): a kill at any moment leaves either the previous export or this one,
+never a mix, once `files.finish_swap` (called by every reader of an output folder) has run.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from pathlib import Path
 
@@ -19,12 +20,15 @@ import torch
 import yaml
 
 from .config import TrainConfig, to_dict
+from .files import atomic_write_text, finish_swap, swap_in
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+EXPORTED = ".export.json"  # the entries the last export wrote, so the next one can replace them all
 
 
 def export(comps, cfg: TrainConfig, out: Path, trainable, final_grid: Path | None, result) -> None:
-    tmp = out / ".tmp-export"
+    finish_swap(out)
+    tmp = out / ".export-staging"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if cfg.train.method == "lora":
@@ -36,12 +40,14 @@ def export(comps, cfg: TrainConfig, out: Path, trainable, final_grid: Path | Non
         comps.family.pipeline(comps).save_pretrained(tmp, safe_serialization=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (tmp / "README.md").write_text(model_card(cfg, final_grid, result, out))
-    for entry in sorted(tmp.iterdir()):
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    tmp.rmdir()
+    previous = json.loads((out / EXPORTED).read_text()) if (out / EXPORTED).is_file() else []
+    (tmp / EXPORTED).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
+    swap_in(tmp, out, stale=tuple(previous))
+
+
+def update_model_card(cfg: TrainConfig, out: Path, final_grid: Path | None, result) -> None:
+    """Rewrite README.md once the final validation grid exists (the export itself came first)."""
+    atomic_write_text(out / "README.md", model_card(cfg, final_grid, result, out))
 
 
 def _save_lora(comps, folder: Path, with_text_encoder: bool) -> None:

@@ -188,9 +188,12 @@ def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = 
     import yaml
     from diffusers import DiffusionPipeline
 
+    from dreambooth.files import finish_swap
+
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise DreamBoothError(f"{output_dir} is not a folder; give a dreambooth output folder")
+    finish_swap(output_dir)  # an export interrupted by a kill is completed before anything is read
     lora_file = output_dir / "pytorch_lora_weights.safetensors"
     if (output_dir / "model_index.json").is_file():
         pipe = DiffusionPipeline.from_pretrained(output_dir)

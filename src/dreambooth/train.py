@@ -28,9 +28,11 @@ from . import objective
 from .config import TrainConfig
 from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
 from .data.dataset import DreamBoothData, class_examples, subject_examples
+from .compat import check_environment
 from .errors import DreamBoothError
-from .export import export
-from .models.load import load_components
+from .export import export, update_model_card
+from .files import finish_swap
+from .models.load import check_resolution, detect_family
 from .models.memory import apply_memory_options
 from .models.trainable import freeze_text_encoder, setup_trainable
 from .optim import OptimizerInBackward, build_lr_scheduler, build_optimizer
@@ -58,7 +60,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     start_time = time.time()
     cfg.validate()
+    check_environment(cfg)  # installed packages can do what the settings ask
+    family = detect_family(cfg.model.path, cfg.model.family)
+    check_resolution(cfg.data.resolution, cfg.model.path, family)
     out = Path(cfg.train.output_dir)
+    finish_swap(out)  # complete an export that a kill interrupted
     # accelerate keeps its settings in a process-wide singleton; clear them (not the process group)
     # so that a second train() in one process (a UI, a sweep, the tests) can use other settings.
     AcceleratorState._reset_state()
@@ -79,8 +85,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")
 
     # 1. settings, model and photos - every input error surfaces here, before any training
-    comps = load_components(cfg.model.path, cfg.model.family)
-    family = comps.family
+    comps = family.load(Path(cfg.model.path))
     concepts = cfg.resolved_concepts()
     subject = subject_examples(concepts, cfg.data)
     fingerprint = model_fingerprint(cfg.model.path)
@@ -137,7 +142,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         freeze_text_encoder(comps, trainable)
 
     # 6. the loop
-    logger = Logger(out / "logs", enabled=accelerator.is_main_process)
+    logger = Logger(out / "logs", enabled=accelerator.is_main_process, resumed_at=start_step if resume_from else None)
     result = TrainResult(out, start_step, trainable_parameters=trainable.count())
     timer = PhaseTimer(enabled=True, synchronize=cfg.train.time_phases)
     result.phase_seconds = timer.seconds
@@ -201,12 +206,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     comps.unet = accelerator.unwrap_model(comps.unet)
     comps.text_encoder = accelerator.unwrap_model(comps.text_encoder)
-    final_grid = None
-    if cfg.validation.prompts and accelerator.is_main_process:
-        with accelerator.autocast():
-            final_grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger)
     if accelerator.is_main_process:
-        export(comps, cfg, out, trainable, final_grid, result)
+        # The model is written before the final validation, so a failure there cannot lose it.
+        export(comps, cfg, out, trainable, None, result)
+        if cfg.validation.prompts:
+            with accelerator.autocast():
+                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger)
+            update_model_card(cfg, out, grid, result)
     logger.close()
     result.seconds = time.time() - start_time
     accelerator.end_training()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write_text
 from .config import ValidationConfig
 from .sampling import generate, image_grid, make_scheduler
 
@@ -18,17 +19,24 @@ log = logging.getLogger("dreambooth")
 class Logger:
     """Scalars and images to TensorBoard (OUTPUT/logs) and scalars to OUTPUT/logs/metrics.jsonl."""
 
-    def __init__(self, log_dir: Path, enabled: bool = True):
+    def __init__(self, log_dir: Path, enabled: bool = True, resumed_at: int | None = None):
+        """`resumed_at`: the checkpoint step a resumed run continues from. Lines the interrupted run
+        logged after it are dropped (they are about to be logged again), from metrics.jsonl here and
+        from TensorBoard through its purge_step."""
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (log_dir / "metrics.jsonl").open("a")
+        metrics = log_dir / "metrics.jsonl"
+        if resumed_at is not None and metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines(keepends=True) if _step_of(line) <= resumed_at]
+            atomic_write_text(metrics, "".join(kept))
+        self.jsonl = metrics.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=None if resumed_at is None else resumed_at + 1)
         except ImportError:  # tensorboard is a dependency, but a trimmed install should still train
             log.warning("tensorboard is not installed; metrics go to %s only", log_dir / "metrics.jsonl")
 
@@ -50,6 +58,13 @@ class Logger:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by the kill: drop it
+        return float("inf")
 
 
 @torch.no_grad()

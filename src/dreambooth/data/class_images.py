@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from dreambooth import sampling
 from dreambooth.errors import DreamBoothError
+from dreambooth.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -98,7 +98,7 @@ class ClassImageSettings:
     num_images: int
     """How many class images training needs (diffusers' script uses 100-200 per concept)."""
     resolution: int
-    """Square image size in pixels; the training resolution."""
+    """Square image size in pixels; the training resolution (a multiple of the model's latent factor)."""
     scheduler: str = "dpm++"
     """Sampler name, one of `sampling.SCHEDULERS`."""
     num_inference_steps: int = 25
@@ -116,11 +116,7 @@ class ClassImageSettings:
         for name in ("num_images", "resolution", "num_inference_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise DreamBoothError(f"class images: `{name}` must be >= 1, got {getattr(self, name)}")
-        if self.resolution % 8:
-            raise DreamBoothError(
-                f"class images: `resolution` must be a multiple of 8 (the VAE's downsampling), "
-                f"got {self.resolution}; try {max(8, round(self.resolution / 8) * 8)}"
-            )
+        # (the resolution's multiple is the model's latent factor: models.load.check_resolution)
         if self.scheduler not in sampling.SCHEDULERS:
             raise DreamBoothError(
                 f"class images: unknown `scheduler` {self.scheduler!r}; "
@@ -239,7 +235,7 @@ def _generate(model_dir, class_dir, settings, expected, kept, missing, load_pipe
                 image.save(buf, format="PNG")
                 data = buf.getvalue()
                 name = f"class_{i:05d}_{hashlib.sha256(data).hexdigest()[:10]}.png"
-                _atomic_write(class_dir / name, data)
+                atomic_write_bytes(class_dir / name, data)
                 kept[i] = {"file": name, **expected, "seed": settings.seed + i}
             _write_manifest(class_dir, kept)
             bar.update(len(indices))
@@ -255,7 +251,7 @@ def _load_pipeline(model_dir, device, dtype):
     # Class images are never shown to anyone, and the checker blacks out false positives.
     if index.is_file() and "safety_checker" in json.loads(index.read_text()):
         kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, **kwargs)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, dtype=dtype, **kwargs)  # torch_dtype= is deprecated
     return pipe.to(device)
 
 
@@ -341,17 +337,7 @@ def _read_manifest(class_dir: Path) -> list[dict]:
 
 def _write_manifest(class_dir: Path, entries: dict[int, dict]) -> None:
     lines = [json.dumps(entries[i], sort_keys=True) + "\n" for i in sorted(entries)]
-    _atomic_write(class_dir / MANIFEST, "".join(lines).encode("utf-8"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, so a crash never leaves a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(class_dir / MANIFEST, "".join(lines).encode("utf-8"))
 
 
 def _remove_leftover_tmp(class_dir: Path) -> None:

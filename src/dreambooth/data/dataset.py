@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..config import ConceptConfig, DataConfig
 from ..errors import DreamBoothError
-from .images import list_images, load_image, read_caption, to_tensor, validate_images
+from .images import list_images, load_images, read_caption, to_tensor
 
 
 @dataclass
@@ -37,10 +37,9 @@ def subject_examples(concepts: list[ConceptConfig], data: DataConfig) -> list[Ex
     examples = []
     for concept in concepts:
         paths = list_images(concept.instance_dir, "instance")
-        validate_images(paths, data.min_image_size)
-        for path in paths:
+        for path, image in zip(paths, load_images(paths, data.min_image_size)):
             caption = read_caption(path) if data.caption_extension == ".txt" else _read_other_caption(path, data)
-            examples.append(Example(path, caption or concept.instance_prompt, load_image(path, data.min_image_size)))
+            examples.append(Example(path, caption or concept.instance_prompt, image))
     return examples
 
 
@@ -58,8 +57,7 @@ def class_examples(files_per_concept: list[list[Path]], concepts: list[ConceptCo
     """Class images (already generated or user-supplied) with their concept's class prompt."""
     examples = []
     for files, concept in zip(files_per_concept, concepts):
-        validate_images(files, data.min_image_size)
-        examples += [Example(p, concept.class_prompt, load_image(p, data.min_image_size)) for p in files]
+        examples += [Example(p, concept.class_prompt, image) for p, image in zip(files, load_images(files, data.min_image_size))]
     return examples
 
 

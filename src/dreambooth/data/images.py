@@ -283,23 +283,27 @@ def read_caption(image_path: str | Path) -> str | None:
 # Validation
 
 
-def validate_images(paths: list[Path], min_size: int) -> None:
-    """Load every image once and report all the bad ones together.
+def load_images(paths: list[Path], min_size: int) -> list[Image.Image]:
+    """Decode every image once and report all the bad ones together.
 
     Training only starts when every image loads, and one error lists every bad file so the
-    user can fix them all in one go instead of one per run.
+    user can fix them all in one go instead of one per run. The decoded images are returned, so
+    checking a photo and using it cost one decode, not two.
 
     Args:
-        paths (list[Path]): The images to check, e.g. from `list_images`.
+        paths (list[Path]): The images to load, e.g. from `list_images`.
         min_size (int): The smallest allowed shorter side, in pixels (see `load_image`).
+
+    Returns:
+        list[PIL.Image.Image]: Upright 8-bit RGB images, in the order of `paths`.
 
     Raises:
         DreamBoothError: One error with one line per bad file.
     """
-    problems = []
+    images, problems = [], []
     for path in paths:
         try:
-            load_image(path, min_size=min_size)
+            images.append(load_image(path, min_size=min_size))
         except DreamBoothError as exc:
             problems.append(str(exc))
     if problems:
@@ -308,6 +312,12 @@ def validate_images(paths: list[Path], min_size: int) -> None:
             f"{len(problems)} of {len(paths)} images cannot be used; "
             f"fix or remove them and run again:\n{listing}"
         )
+    return images
+
+
+def validate_images(paths: list[Path], min_size: int) -> None:
+    """`load_images` for its check alone (raises one error listing every bad file)."""
+    load_images(paths, min_size)
 
 
 # Training tensors

@@ -7,7 +7,7 @@ Heads (label spaces from `world`):
     subject     "none" or which held-out subject (its shape AND its pattern)
 
 The recipe that trains it is `recipes.train_classifier`; the committed weights are in
-assets/miniworld/classifier (model.safetensors + config.json).
+src/dreambooth/miniworld/assets/classifier (model.safetensors + config.json).
 """
 
 from __future__ import annotations

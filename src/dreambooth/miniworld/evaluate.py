@@ -18,7 +18,7 @@ With fixed seeds, for one held-out subject:
   base this is the base's quality; after DreamBooth, what fine-tuning cost the rest of the world.
 
     from dreambooth.miniworld.evaluate import evaluate, format_table
-    result = evaluate("outputs/heart", "banded_heart", base_dir="assets/miniworld/base")
+    result = evaluate("outputs/heart", "banded_heart", base_dir="src/dreambooth/miniworld/assets/base")
     print(format_table(result))
 
 `model_dir` is a `dreambooth train` output (full pipeline folder or LoRA weights; a LoRA's base
@@ -152,9 +152,9 @@ def evaluate(model_dir: str | Path, subject_name: Optional[str], base_dir: Optio
     Args:
         model_dir: A `dreambooth train` output (full or LoRA) or a pipeline folder.
         subject_name: One of `world.SUBJECTS`, or None to measure only class/attribute metrics.
-        base_dir: Also measure this pipeline folder (normally assets/miniworld/base) the same way.
+        base_dir: Also measure this pipeline folder (normally src/dreambooth/miniworld/assets/base) the same way.
         n: Images per prompt. seed: first seed (image i uses seed + i).
-        classifier_dir: The attribute classifier (assets/miniworld/classifier).
+        classifier_dir: The attribute classifier (src/dreambooth/miniworld/assets/classifier).
         lora_base: Base of a LoRA output, if its config.yaml does not name a folder that exists.
         settings: Full sampling settings; overrides `n` and `seed` when given.
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from . import world
 from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings
 

@@ -6,10 +6,10 @@
 
 Each stage is deterministic given its seed and its number of steps. With `--minutes` and no
 `--steps`, a stage times its first steps and sets its step count so that it ends in the budget;
-the step count it used is written to `assets/miniworld/recipe.json`, and `--steps N` replays it
+the step count it used is written to `src/dreambooth/miniworld/assets/recipe.json`, and `--steps N` replays it
 exactly (on the same hardware and torch version).
 
-All three are real diffusers/transformers classes, so the result in `assets/miniworld/base` is an
+All three are real diffusers/transformers classes, so the result in `src/dreambooth/miniworld/assets/base` is an
 ordinary `StableDiffusionPipeline` folder that `dreambooth train` fine-tunes like SD 1.5:
 
 - VAE: `AutoencoderKL` (16, 32, 64), 4 latent channels, 32x32x3 -> 8x8x4, trained on 60% world
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import world
 
-ASSETS = Path(__file__).resolve().parents[3] / "assets" / "miniworld"
+ASSETS = Path(__file__).resolve().parent / "assets"  # package data: a wheel install has them too
 RECIPE_LOG = "recipe.json"
 
 
@@ -89,7 +89,7 @@ def save_fp16(folder: Path) -> None:
 
 
 def record(stage: str, info: dict) -> None:
-    """Add a stage's settings and timings to assets/miniworld/recipe.json."""
+    """Add a stage's settings and timings to src/dreambooth/miniworld/assets/recipe.json."""
     path = ASSETS / RECIPE_LOG
     data = json.loads(path.read_text()) if path.exists() else {}
     data[stage] = info

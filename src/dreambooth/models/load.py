@@ -65,6 +65,11 @@ class StableDiffusionFamily:
             module.requires_grad_(False)
         return Components(model_dir, self, unet, vae, text_encoder, tokenizer, noise_scheduler, inference_scheduler)
 
+    def latent_factor(self, model_dir: Path) -> int:
+        """Pixels per latent along each side: 2 ** (VAE levels - 1), read from the VAE's config (8 for SD)."""
+        config = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
     def tokenize(self, comps: Components, prompts: list[str]) -> torch.Tensor:
         """Prompts -> token ids (N, 77), padded and truncated as Stable Diffusion's pipeline does."""
         return comps.tokenizer(prompts, padding="max_length", max_length=comps.tokenizer.model_max_length,
@@ -150,6 +155,14 @@ def detect_family(model_dir: str | Path, family: str = "auto") -> "Family":
         raise DreamBoothError(f"{model_dir} is missing model part(s): {', '.join(missing)} (expected sub-folders "
                               f"{', '.join(fam.parts)}; re-copy or re-convert the model)")
     return fam
+
+
+def check_resolution(resolution: int, model_dir: str | Path, fam: "Family") -> None:
+    """The training resolution must map to whole latents for this model (before any weight is loaded)."""
+    factor = fam.latent_factor(Path(model_dir))
+    if resolution % factor:
+        raise DreamBoothError(f"data.resolution must be a multiple of {factor} for {model_dir} (its VAE downsamples by "
+                              f"{factor}), got {resolution}; try {max(factor, resolution // factor * factor)}")
 
 
 def load_components(model_dir: str | Path, family: str = "auto") -> Components:

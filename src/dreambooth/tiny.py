@@ -7,6 +7,7 @@ class built from a small config right after `torch.manual_seed(0)` (as diffusers
 down to 2,000 merges (made by scripts/make_clip_tokenizer.py from CLIP's merge list).
 
     python -m dreambooth.tiny ./tiny-sd ./tiny-photos     # writes both
+    python -m dreambooth.tiny --sdxl ./tiny-sdxl ./tiny-photos     # the SDXL-shaped model instead
 """
 
 from __future__ import annotations
@@ -61,6 +62,39 @@ ARCHITECTURES = {
 }
 
 
+def _sdxl_unet(channels, layers, transformer_layers, heads, cross_dim, time_dim, pooled_dim, groups=32):
+    n = len(channels)  # SDXL: no attention at the top (largest) level, linear projections, text_time conditioning
+    return dict(block_out_channels=tuple(channels), layers_per_block=layers,
+                transformer_layers_per_block=transformer_layers,
+                attention_head_dim=heads, cross_attention_dim=cross_dim, norm_num_groups=groups, use_linear_projection=True,
+                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+                up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=6 * time_dim + pooled_dim)  # 6 time ids + text_encoder_2's pool
+
+
+# SDXL-shaped architectures (two text encoders; the UNet attends to their penultimate hidden states concatenated, and
+# gets text_encoder_2's projected pool plus 6 size/crop ids). "tiny" is for tests: its widths all differ
+# (text 32 + text_2 64 = cross 96; pool 48; 6 x 16 + 48 = 144) so swapping encoders, or pooler_output for text_embeds,
+# fails on shapes instead of silently. "sdxl" is SDXL base 1.0 (UNet 2.57 B parameters, CLIP ViT-L + OpenCLIP
+# bigG text encoders, VAE scaling 0.13025) for GPU benchmarks.
+SDXL_ARCHITECTURES = {
+    "tiny": dict(resolution=32, prediction_type="epsilon",
+                 unet=_sdxl_unet((32, 64), 1, (1, 2), (2, 4), 32 + 64, 16, 48, groups=16),
+                 vae={**_vae((16, 32), groups=16), "scaling_factor": 0.13025},
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+                 text_2=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             projection_dim=48, hidden_act="gelu")),
+    "sdxl": dict(resolution=1024, prediction_type="epsilon",
+                 unet=_sdxl_unet((320, 640, 1280), 2, (1, 2, 10), (5, 10, 20), 768 + 1280, 256, 1280),
+                 vae={**_vae((128, 256, 512, 512)), "scaling_factor": 0.13025},
+                 text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
+                 text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                             vocab_size=49408, hidden_act="gelu", projection_dim=1280)),
+}
+
+
 def build_sd(path: str | Path, arch: str = "tiny", prediction_type: str | None = None) -> Path:
     """Write an SD-shaped pipeline folder (model_index.json, unet/, vae/, ...) with random weights to `path`."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -91,6 +125,43 @@ def build_tiny_sd(path: str | Path, prediction_type: str = "epsilon") -> Path:
     return build_sd(path, "tiny", prediction_type)
 
 
+def build_sdxl(path: str | Path, arch: str = "tiny") -> Path:
+    """Write an SDXL-shaped pipeline folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, ...)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    spec = SDXL_ARCHITECTURES[arch]
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")  # as SDXL's: pads with "!", not <|endoftext|>
+    downsample = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=spec["resolution"] // downsample, in_channels=4, out_channels=4, **spec["unet"])
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=spec["resolution"], **spec["vae"])
+
+    def text_config(tok, text):  # eos_token_id is what CLIP pools at; the "!" padding must not be mistaken for it
+        return CLIPTextConfig(max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, **{"vocab_size": len(tok), **text})
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text_config(tokenizer, spec["text"]))
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, spec["text_2"]))
+    # What SDXL base ships; the trainer reads this config into a DDPMScheduler for training.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, prediction_type=spec["prediction_type"], steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def build_tiny_sdxl(path: str | Path) -> Path:
+    """The tiny SDXL-shaped model for tests (32 px, 16x16 latents)."""
+    return build_sdxl(path, "tiny")
+
+
 def write_photos(folder: str | Path, n: int, seed: int = 0, size: int = 40) -> list[Path]:
     """Write `n` small, distinct PNG 'photos' (a coloured square on a gradient) to `folder`."""
     folder = Path(folder)
@@ -110,6 +181,8 @@ def write_photos(folder: str | Path, n: int, seed: int = 0, size: int = 40) -> l
 
 
 if __name__ == "__main__":
-    model_dir = build_tiny_sd(sys.argv[1] if len(sys.argv) > 1 else "tiny-sd")
-    photos = write_photos(sys.argv[2] if len(sys.argv) > 2 else "tiny-photos", 5)
+    sdxl = "--sdxl" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--sdxl"]
+    model_dir = (build_tiny_sdxl if sdxl else build_tiny_sd)(args[0] if args else "tiny-sdxl" if sdxl else "tiny-sd")
+    photos = write_photos(args[1] if len(args) > 1 else "tiny-photos", 5)
     print(f"tiny model in {model_dir}, {len(photos)} photos in {photos[0].parent}")

@@ -48,35 +48,46 @@ def measure_peak_tflops(device: str, dtype: torch.dtype, n: int = 2048, repeats:
 
 
 def count_step_flops(model_dir: Path, batch: int, resolution: int, train_te: bool) -> float:
-    """FLOPs of one forward + backward of the trainable models at the training batch shape."""
-    from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextModel
+    """FLOPs of one forward + backward of the trainable models at the training batch shape (any family)."""
+    from types import SimpleNamespace
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    down = 8 if resolution >= 128 else 2  # tiny's VAE downsamples by 2, the others by 8
-    latents = torch.randn(batch, 4, resolution // down, resolution // down)
-    ids = torch.randint(0, 100, (batch, 77))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreambooth.models.load import load_components
+
+    comps = load_components(model_dir)
+    family = comps.family
+    side = resolution // family.latent_factor(model_dir)
+    latents = torch.randn(batch, comps.denoiser.config.in_channels, side, side)
+    geometry = SimpleNamespace(original_sizes=[(resolution, resolution)] * batch, crops=[(0, 0)] * batch,
+                               target_size=(resolution, resolution))  # what per-image conditioning reads
+    comps.denoiser.requires_grad_(True)
+    for name in family.text_encoders:
+        comps.modules[name].requires_grad_(train_te)
     with FlopCounterMode(display=False) as counter:
-        te.requires_grad_(train_te)
-        hidden = te(ids)[0]
-        out = unet(latents, torch.randint(0, 1000, (batch,)), encoder_hidden_states=hidden).sample
-        out.float().pow(2).mean().backward()
+        with torch.set_grad_enabled(True):
+            text = family.encode_prompt(comps, ["a photo of sks dog"] * batch)
+            cond = family.conditioning(comps, text, geometry)
+            out = family.predict(comps, latents, torch.randint(0, 1000, (batch,)), cond)
+            out.float().pow(2).mean().backward()
     return counter.get_total_flops()
 
 
 def build_in_child(path: Path, arch: str) -> Path:
     """Write the random-weight `arch` pipeline to `path` from a child process, so that this
     process's peak RSS is the training run's alone (imports + load + train), not the construction's."""
-    from dreambooth.tiny import build_sd
+    from dreambooth.tiny import build_sd, build_sdxl
 
-    build = multiprocessing.get_context("spawn").Process(target=build_sd, args=(path, arch))
+    target, name = (build_sdxl, SDXL_NAMES[arch]) if arch in SDXL_NAMES else (build_sd, arch)
+    build = multiprocessing.get_context("spawn").Process(target=target, args=(path, name))
     build.start()
     build.join()
     if build.exitcode:
         sys.exit(f"building the {arch} model failed (exit code {build.exitcode})")
     return path
+
+
+SDXL_NAMES = {"tiny-sdxl": "tiny", "sdxl": "sdxl"}  # bench name -> tiny.SDXL_ARCHITECTURES name
 
 
 class WindowPeak:
@@ -119,14 +130,15 @@ class WindowPeak:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny", choices=["tiny", "small", "sd15", "sd2"])
+    p.add_argument("--arch", default="tiny", choices=["tiny", "small", "sd15", "sd2", "tiny-sdxl", "sdxl"],
+                   help="sdxl: SDXL base 1.0's UNet (2.57 B), both text encoders and VAE, random weights, 1024 px")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (state it: timings depend on it)")
     p.add_argument("--steps", type=int, default=20, help="timed steps after warmup")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--method", default="full", choices=["full", "lora"])
-    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--train-text-encoder", action="store_true", help="train every text encoder the model has")
     p.add_argument("--prior", action="store_true", help="add one class image per subject image (prior preservation)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -157,10 +169,10 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dreambooth.config import build_config
-    from dreambooth.tiny import ARCHITECTURES, write_photos
+    from dreambooth.tiny import ARCHITECTURES, SDXL_ARCHITECTURES, write_photos
     from dreambooth.train import train
 
-    spec = ARCHITECTURES[args.arch]
+    spec = SDXL_ARCHITECTURES[SDXL_NAMES[args.arch]] if args.arch in SDXL_NAMES else ARCHITECTURES[args.arch]
     resolution = args.resolution or spec["resolution"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -196,6 +208,7 @@ def main() -> None:
             "data": {"resolution": resolution, "min_size": 8},
             "prior": {"enabled": args.prior, "num_class_images": 5},
             "text_encoder": {"train": args.train_text_encoder},
+            **({"text_encoder_2": {"train": args.train_text_encoder}} if args.arch in SDXL_NAMES else {}),
             "optim": optim, "memory": memory,
             "train": {"max_steps": total, "batch_size": args.batch_size, "method": args.method,
                       "output_dir": str(tmp / "out"), "time_phases": True},

@@ -41,7 +41,8 @@ fi
     echo "# check_latest ($mode), $(date -u +%Y-%m-%dT%H:%MZ), Python $(python -c 'import platform; print(platform.python_version())')"
     echo "## versions that differ from requirements.lock"
     python -m pip freeze --exclude-editable | grep -v '^torch==' | sort > "$venv.freeze.txt"
-    grep -v '^#' requirements.lock | sort | diff - "$venv.freeze.txt" | grep '^[<>]' | sed 's/^</  locked: /; s/^>/  now:    /' || echo "  (none)"
+    changed=$(grep -v '^#' requirements.lock | sort | diff - "$venv.freeze.txt" | grep '^[<>]' | sed 's/^</  locked: /; s/^>/  now:    /')
+    echo "${changed:-  (none)}"
     echo "## test suite"
 } | tee "$report"
 

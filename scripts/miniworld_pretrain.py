@@ -3,6 +3,10 @@
     python scripts/miniworld_pretrain.py --stage vae --minutes 12         # -> src/dreambooth/miniworld/assets/base/vae
     python scripts/miniworld_pretrain.py --stage classifier --minutes 6   # -> src/dreambooth/miniworld/assets/classifier
     python scripts/miniworld_pretrain.py --stage base --minutes 40 --tokenizer TOK   # -> src/dreambooth/miniworld/assets/base
+    python scripts/miniworld_pretrain.py --stage base-sdxl --minutes 30   # -> src/dreambooth/miniworld/assets/base-sdxl
+
+The SDXL base (two text encoders, pooled embedding, size/crop time ids) shares the SD base's VAE
+and tokenizer files: they are symlinks into base/ in git, and copies in a wheel.
 
 TOK is the full CLIP tokenizer (49,408 tokens, `sks` = 48136), derived from the vocabulary file
 the open-clip-torch wheel ships:
@@ -24,7 +28,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["vae", "classifier", "base"], required=True)
+    parser.add_argument("--stage", choices=["vae", "classifier", "base", "base-sdxl"], required=True)
     parser.add_argument("--minutes", type=float, default=None, help="time budget; sets the step count after a short probe")
     parser.add_argument("--steps", type=int, default=None, help="exact number of steps (replays a recorded run)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: under src/dreambooth/miniworld/assets)")
@@ -42,13 +46,20 @@ def main() -> None:
     from dreambooth.miniworld import recipes
 
     if args.minutes is None and args.steps is None:
-        args.minutes = {"vae": 12, "classifier": 6, "base": 40}[args.stage]
+        args.minutes = {"vae": 12, "classifier": 6, "base": 40, "base-sdxl": 30}[args.stage]
     if args.stage == "vae":
         info = recipes.train_vae(args.out or recipes.ASSETS / "base" / "vae", args.minutes, args.steps)
     elif args.stage == "classifier":
         info = recipes.train_classifier(args.out or recipes.ASSETS / "classifier", minutes=args.minutes, steps=args.steps)
-    else:
+    elif args.stage == "base":
         info = recipes.train_base(args.out or recipes.ASSETS / "base", args.tokenizer, minutes=args.minutes, steps=args.steps)
+    else:
+        base, out = recipes.ASSETS / "base", args.out or recipes.ASSETS / "base-sdxl"
+        info = recipes.train_base(out, args.tokenizer or base / "tokenizer", minutes=args.minutes, steps=args.steps,
+                                  recipe=recipes.SDXL_BASE, vae_dir=base / "vae")
+        same = ["vae/config.json", "vae/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"]
+        recipes.share_files(out, base, {**{n: n for n in same}, "tokenizer_2/vocab.json": "tokenizer/vocab.json",
+                                        "tokenizer_2/merges.txt": "tokenizer/merges.txt"})
     if args.out is None:
         recipes.record(args.stage, info)
 

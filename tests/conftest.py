@@ -32,3 +32,10 @@ def photos(tmp_path) -> Path:
     folder = tmp_path / "photos"
     write_photos(folder, 5)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from dreambooth.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")

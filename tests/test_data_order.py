@@ -110,7 +110,7 @@ def test_batch_with_prior_puts_subject_first(concept, class_files):
     # no augmentation: each tensor is its image's centre crop
     for (kind, i), pixels in zip(batch.indices, batch.pixels):
         image = (data.subject if kind == "subject" else data.klass)[i].image
-        torch.testing.assert_close(pixels, to_tensor(image, 32), rtol=0, atol=0)
+        torch.testing.assert_close(pixels, to_tensor(image, 32).pixels, rtol=0, atol=0)
 
 
 def test_batch_without_prior(concept, class_files):
@@ -139,7 +139,7 @@ def test_random_flip_is_deterministic_per_position(concept, class_files):
         (_, s), (_, c) = batch.indices
         for (kind, i), pixels in zip(batch.indices, batch.pixels):
             image = (a.subject if kind == "subject" else a.klass)[i].image
-            plain, mirrored = to_tensor(image, 32), to_tensor(image, 32, flip=True)
+            plain, mirrored = to_tensor(image, 32).pixels, to_tensor(image, 32, flip=True).pixels
             assert not torch.equal(plain, mirrored)
             assert torch.equal(pixels, plain) or torch.equal(pixels, mirrored)
             flipped.append(torch.equal(pixels, mirrored))

@@ -368,11 +368,11 @@ def test_validate_images_accepts_good_files(tmp_path):
 
 def test_to_tensor_shape_dtype_range():
     image = Image.fromarray(np.array([[[0, 255, 0]] * 4] * 4, dtype=np.uint8))
-    tensor = to_tensor(image, resolution=4)
+    tensor = to_tensor(image, size=4).pixels
     assert tensor.shape == (3, 4, 4) and tensor.dtype == torch.float32
     torch.testing.assert_close(tensor[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
 
-    big = to_tensor(noise((80, 50)), resolution=32)
+    big = to_tensor(noise((80, 50)), size=32).pixels
     assert big.shape == (3, 32, 32)
     assert big.min() >= -1.0 and big.max() <= 1.0
 
@@ -380,12 +380,12 @@ def test_to_tensor_shape_dtype_range():
 def test_to_tensor_without_resize_keeps_pixels():
     image = noise((16, 16))
     expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
-    torch.testing.assert_close(to_tensor(image, resolution=16), expected)
+    torch.testing.assert_close(to_tensor(image, size=16).pixels, expected)
 
 
 def test_center_crop_picks_the_middle():
     image = bands([RED, GREEN, BLUE])  # 48x16: already the right height, so no resize
-    tensor = to_tensor(image, resolution=16, center_crop=True)
+    tensor = to_tensor(image, size=16, center_crop=True).pixels
     expected = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16)
     torch.testing.assert_close(tensor, expected)
 
@@ -394,7 +394,7 @@ def test_center_crop_of_a_tall_image_after_resize():
     tall = Image.new("RGB", (32, 96))
     for i, color in enumerate([RED, GREEN, BLUE]):
         tall.paste(color, (0, i * 32, 32, (i + 1) * 32))
-    tensor = to_tensor(tall, resolution=16)  # resized to 16x48, middle third is green
+    tensor = to_tensor(tall, size=16).pixels  # resized to 16x48, middle third is green
     assert tensor.shape == (3, 16, 16)
     inner = tensor[:, 2:-2, :]  # away from the bicubic blur at the band edges
     assert torch.allclose(inner[1], torch.ones_like(inner[1]), atol=0.02)
@@ -414,7 +414,7 @@ def crop_offset(tensor: torch.Tensor) -> int:
 
 def random_crop(image: Image.Image, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return to_tensor(image, 16, center_crop=False, generator=generator)
+    return to_tensor(image, 16, center_crop=False, generator=generator).pixels
 
 
 def test_random_crop_is_deterministic_and_matches_the_image():
@@ -423,7 +423,7 @@ def test_random_crop_is_deterministic_and_matches_the_image():
     torch.testing.assert_close(first, random_crop(image, seed=0))
 
     left = crop_offset(first)
-    expected = to_tensor(image.crop((left, 0, left + 16, 16)), 16)
+    expected = to_tensor(image.crop((left, 0, left + 16, 16)), 16).pixels
     torch.testing.assert_close(first, expected)
 
 
@@ -444,8 +444,8 @@ def test_random_crop_draws_from_the_given_generator():
 
 def test_flip_mirrors():
     image = bands([RED, BLUE], band=8, height=16)  # 16x16
-    plain = to_tensor(image, 16)
-    flipped = to_tensor(image, 16, flip=True)
+    plain = to_tensor(image, 16).pixels
+    flipped = to_tensor(image, 16, flip=True).pixels
     torch.testing.assert_close(flipped, plain.flip(-1))
     torch.testing.assert_close(flipped[:, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))  # blue now left
     torch.testing.assert_close(flipped[:, 0, 15], torch.tensor([1.0, -1.0, -1.0]))

@@ -6,7 +6,7 @@ from peft.tuners.lora import LoraLayer
 
 from dreambooth.config import build_config
 from dreambooth.models.load import load_components
-from dreambooth.models.trainable import freeze_text_encoder, setup_trainable
+from dreambooth.models.trainable import setup_trainable as _setup_trainable
 
 
 def make_config(tiny_sd_dir, **dotted):
@@ -15,6 +15,10 @@ def make_config(tiny_sd_dir, **dotted):
         section, name = key.split(".")
         layer.setdefault(section, {})[name] = value
     return build_config(layer).validate()
+
+
+def setup_trainable(comps, cfg):
+    return _setup_trainable(comps, cfg.train.method, cfg.lora, cfg.text_encoders(), cfg.memory.weights_dtype)
 
 
 def unet_inputs():
@@ -38,7 +42,7 @@ def test_lora_trains_only_adapters(tiny_sd_dir):
     comps = load_components(tiny_sd_dir)
     cfg = make_config(tiny_sd_dir, **{"train.method": "lora", "text_encoder.train": True, "lora.rank": 2})
     trainable = setup_trainable(comps, cfg)
-    for module, chosen in ((comps.unet, trainable.unet), (comps.text_encoder, trainable.text_encoder)):
+    for module, chosen in ((comps.unet, trainable.params['unet']), (comps.text_encoder, trainable.params.get('text_encoder', {}))):
         grads = {n for n, p in module.named_parameters() if p.requires_grad}
         assert grads, "no trainable parameters"
         assert all("lora" in n for n in grads), sorted(n for n in grads if "lora" not in n)
@@ -58,24 +62,24 @@ def test_lora_trains_only_adapters(tiny_sd_dir):
     by_hand = sum(2 * (m.in_features + m.out_features)
                   for mod in (comps.unet, comps.text_encoder) for m in lora_layers(mod).values())
     assert trainable.count() == by_hand
-    assert set(trainable.named()) == {f"unet.{n}" for n in trainable.unet} | {f"text_encoder.{n}" for n in trainable.text_encoder}
+    assert set(trainable.named()) == {f"unet.{n}" for n in trainable.params['unet']} | {f"text_encoder.{n}" for n in trainable.params.get('text_encoder', {})}
 
 
 def test_lora_leaves_text_encoder_alone_unless_asked(tiny_sd_dir):
     comps = load_components(tiny_sd_dir)
     trainable = setup_trainable(comps, make_config(tiny_sd_dir, **{"train.method": "lora"}))
-    assert trainable.text_encoder == {}
+    assert trainable.params.get('text_encoder', {}) == {}
     assert not lora_layers(comps.text_encoder)
     assert not any(p.requires_grad for p in comps.text_encoder.parameters())
-    assert trainable.unet and all("lora" in n for n in trainable.unet)
+    assert trainable.params['unet'] and all("lora" in n for n in trainable.params['unet'])
 
 
 def test_full_trains_all_unet_weights(tiny_sd_dir):
     comps = load_components(tiny_sd_dir)
     trainable = setup_trainable(comps, make_config(tiny_sd_dir))
-    assert set(trainable.unet) == {n for n, _ in comps.unet.named_parameters()}
+    assert set(trainable.params['unet']) == {n for n, _ in comps.unet.named_parameters()}
     assert all(p.requires_grad for p in comps.unet.parameters())
-    assert trainable.text_encoder == {}
+    assert trainable.params.get('text_encoder', {}) == {}
     assert not any(p.requires_grad for p in comps.text_encoder.parameters())
     assert not any(p.requires_grad for p in comps.vae.parameters())
     assert trainable.count() == sum(p.numel() for p in comps.unet.parameters())
@@ -85,12 +89,12 @@ def test_full_trains_all_unet_weights(tiny_sd_dir):
 def test_full_with_text_encoder_and_freezing_it(tiny_sd_dir):
     comps = load_components(tiny_sd_dir)
     trainable = setup_trainable(comps, make_config(tiny_sd_dir, **{"text_encoder.train": True}))
-    assert set(trainable.text_encoder) == {n for n, _ in comps.text_encoder.named_parameters()}
+    assert set(trainable.params.get('text_encoder', {})) == {n for n, _ in comps.text_encoder.named_parameters()}
     assert trainable.count() == sum(p.numel() for p in comps.unet.parameters()) + \
         sum(p.numel() for p in comps.text_encoder.parameters())
-    for p in trainable.text_encoder.values():
+    for p in trainable.params.get('text_encoder', {}).values():
         p.grad = torch.ones_like(p)
-    freeze_text_encoder(comps, trainable)
+    trainable.freeze("text_encoder")
     assert not any(p.requires_grad or p.grad is not None for p in comps.text_encoder.parameters())
     assert all(p.requires_grad for p in comps.unet.parameters())
 

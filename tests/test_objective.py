@@ -215,9 +215,9 @@ def test_diffusion_loss_shape_and_determinism(unet_and_scheduler):
     unet, sched = unet_and_scheduler
     latents, cond = _inputs()
     with torch.no_grad():
-        a = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(0))
-        b = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(0))
-        c = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(1))
+        a = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(0))
+        b = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(0))
+        c = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(1))
     assert a.shape == (2,) and a.dtype == torch.float32
     assert torch.all(a > 0)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -228,7 +228,7 @@ def test_diffusion_loss_equals_manual_recomputation(unet_and_scheduler):
     unet, sched = unet_and_scheduler
     latents, cond = _inputs()
     with torch.no_grad():
-        got = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(5))
+        got = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(5))
         g = torch.Generator().manual_seed(5)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (2,), generator=g)
@@ -236,7 +236,7 @@ def test_diffusion_loss_equals_manual_recomputation(unet_and_scheduler):
         pred = unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         expected = torch.stack([F.mse_loss(pred[i], target[i]) for i in range(2)])
-        weighted = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(5), snr_gamma=GAMMA)
+        weighted = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(5), snr_gamma=GAMMA)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # Min-SNR weighting is a per-sample multiply with each sample's own timestep
     torch.testing.assert_close(weighted, expected * objective.min_snr_weights(sched, t, GAMMA), rtol=1e-5, atol=1e-6)
@@ -246,8 +246,8 @@ def test_diffusion_loss_with_offset_noise_uses_the_offset_noise(unet_and_schedul
     unet, sched = unet_and_scheduler
     latents, cond = _inputs()
     with torch.no_grad():
-        got = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(5), offset_noise=0.1)
-        plain = objective.diffusion_loss(unet, sched, latents, cond, torch.Generator().manual_seed(5))
+        got = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(5), offset_noise=0.1)
+        plain = objective.diffusion_loss(lambda x, t: unet(x, t, **cond).sample, sched, latents, torch.Generator().manual_seed(5))
         g = torch.Generator().manual_seed(5)
         noise = objective.sample_noise(latents.shape, g, 0.1)
         t = torch.randint(0, 1000, (2,), generator=g)

@@ -99,7 +99,7 @@ def test_partial_gradient_checkpointing_marks_high_resolution_blocks_and_trains_
 
     cfg = make_cfg(tiny_sd_dir, photos, tmp_path / "x", memory={"gradient_checkpointing": True, "checkpoint_levels": 1})
     comps = load_components(cfg.model.path, cfg.model.family)
-    apply_memory_options(comps, cfg)
+    apply_memory_options(comps, cfg.memory, ["unet"] + ["text_encoder"] * cfg.text_encoder.train)
     unet = comps.unet
     flags = lambda block: {m.gradient_checkpointing for m in block.modules() if hasattr(m, "gradient_checkpointing")}
     assert flags(unet.down_blocks[0]) == {True} and flags(unet.up_blocks[-1]) == {True}  # highest resolution
@@ -115,7 +115,7 @@ def test_partial_gradient_checkpointing_marks_high_resolution_blocks_and_trains_
     with pytest.raises(DreamBoothError, match="needs memory.gradient_checkpointing"):
         make_cfg(tiny_sd_dir, photos, tmp_path / "y", memory={"checkpoint_levels": 1}).validate()
     with pytest.raises(DreamBoothError, match="between 1 and the UNet's"):
-        apply_memory_options(comps, make_cfg(tiny_sd_dir, photos, tmp_path / "z", memory={"gradient_checkpointing": True, "checkpoint_levels": 9}))
+        apply_memory_options(comps, make_cfg(tiny_sd_dir, photos, tmp_path / "z", memory={"gradient_checkpointing": True, "checkpoint_levels": 9}).memory, ["unet"])
 
 
 def test_classic_attention_is_the_same_maths_as_sdpa(tiny_sd_dir, photos, tmp_path):
@@ -129,7 +129,7 @@ def test_classic_attention_is_the_same_maths_as_sdpa(tiny_sd_dir, photos, tmp_pa
     cfg = make_cfg(tiny_sd_dir, photos, tmp_path / "x", memory={"attention": "classic"})
     comps = load_components(cfg.model.path, cfg.model.family)
     default = {type(p) for p in comps.unet.attn_processors.values()}
-    apply_memory_options(comps, cfg)
+    apply_memory_options(comps, cfg.memory, ["unet"] + ["text_encoder"] * cfg.text_encoder.train)
     assert default != {AttnProcessor} and {type(p) for p in comps.unet.attn_processors.values()} == {AttnProcessor}
     losses = {name: list(train(make_cfg(tiny_sd_dir, photos, tmp_path / name, train={"max_steps": 3},
                                         memory={"attention": name})).losses.values()) for name in ("sdpa", "classic")}

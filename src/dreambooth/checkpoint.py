@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, to_dict
+from .config import TEXT_ENCODER_SECTIONS, TrainConfig, deep_merge, to_dict
 from .errors import DreamBoothError
 from .files import atomic_write_text
 
@@ -38,7 +38,7 @@ from .files import atomic_write_text
 # output formatting) may change.
 MUST_MATCH = (
     "model.family", "concept", "concepts", "data", "prior.enabled", "prior.num_class_images", "prior.loss_weight",
-    "lora", "text_encoder.train", "text_encoder.lr", "text_encoder.stop_step", "optim.optimizer", "optim.lr", "optim.beta1",
+    "lora", *TEXT_ENCODER_SECTIONS, "model.vae_path", "optim.optimizer", "optim.lr", "optim.beta1",
     "optim.beta2", "optim.weight_decay", "optim.eps", "optim.lr_scheduler", "optim.warmup_steps", "optim.max_grad_norm",
     "objective", "train.method", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
     "memory.mixed_precision", "memory.weights_dtype", "optim.moments_dtype", "optim.fused_backward",
@@ -66,7 +66,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, generator: torch.Generator,
-                    cfg: TrainConfig, model_fingerprint: str) -> Path:
+                    resolved: dict, keep: int, model_fingerprint: str) -> Path:
+    """Write step `step`'s checkpoint; `resolved` is the run's whole configuration (to_dict), kept for resume."""
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -85,12 +86,12 @@ def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, g
     }, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps(
         {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / "latest.json", json.dumps({"checkpoint": final.name, "step": step}) + "\n")
-    _rotate(root, cfg.checkpoint.keep)
+    _rotate(root, keep)
     return final
 
 
@@ -103,7 +104,8 @@ def _rotate(root: Path, keep: int) -> None:
 def check_resume_compatible(checkpoint: Path, cfg: TrainConfig, model_fingerprint: str) -> int:
     """Raise, naming every reason, if `cfg` cannot continue `checkpoint`; return its step."""
     state = json.loads((checkpoint / "state.json").read_text())
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    # Settings added since the checkpoint was written count as their defaults.
+    saved = deep_merge(to_dict(TrainConfig()), yaml.safe_load((checkpoint / "config.yaml").read_text()))
     now = to_dict(cfg)
     reasons = []
     if state["model_fingerprint"] != model_fingerprint:

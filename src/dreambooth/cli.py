@@ -120,21 +120,25 @@ def cmd_sample(args) -> None:
 
 def cmd_demo(args) -> None:
     from .miniworld.demo import demo
+    from .miniworld.evaluate import BASES
 
     overrides = {}
     if args.steps is not None:
         overrides["train.max_steps"] = args.steps
     if args.no_prior:
         overrides["prior.enabled"] = False
-    demo(args.output_dir, subject=args.subject, overrides=overrides, n_eval=args.n, seed=args.seed)
+    if args.family == "sdxl":
+        overrides["text_encoder_2.train"] = True  # the demo trains every text encoder the base has
+    output_dir = args.output_dir or "outputs/miniworld-demo" + ("-sdxl" if args.family == "sdxl" else "")
+    demo(output_dir, subject=args.subject, base_dir=BASES[args.family], overrides=overrides, n_eval=args.n, seed=args.seed)
 
 
 def cmd_evaluate(args) -> None:
     import json
 
-    from .miniworld.evaluate import DEFAULT_BASE, evaluate, format_table
+    from .miniworld.evaluate import base_of, evaluate, format_table
 
-    result = evaluate(args.model, args.subject, base_dir=None if args.no_base else (args.base or DEFAULT_BASE),
+    result = evaluate(args.model, args.subject, base_dir=None if args.no_base else (args.base or base_of(args.model)),
                       n=args.n, seed=args.seed, lora_base=args.lora_base)
     print(format_table(result))
     if args.json:
@@ -181,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teach the bundled miniature base model a held-out subject (CPU, minutes)",
                        description="Train one held-out subject of the miniature world into the committed miniature "
                        "base model with the same `train` code path, write a before/after grid and print the evaluation.")
-    p.add_argument("--output-dir", default="outputs/miniworld-demo")
+    p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl for --family sdxl)")
     p.add_argument("--subject", default="banded_heart", help="a held-out subject of the miniature world")
+    p.add_argument("--family", default="sd", choices=["sd", "sdxl"],
+                   help="which miniature base: sd (one CLIP encoder) or sdxl (two encoders, pooled embedding, size/crop ids)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (to see language drift)")
     p.add_argument("--n", type=int, default=32, help="images per evaluation prompt")
@@ -196,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", required=True, help="the held-out subject it was taught")
     p.add_argument("--n", type=int, default=32, help="images per prompt (fixed seeds)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base", default=None, help="reference base model (default: the bundled miniature base)")
+    p.add_argument("--base", default=None, help="reference base model (default: the bundled miniature base the output "
+                   "was trained from, SD or SDXL)")
     p.add_argument("--no-base", action="store_true", help="skip measuring the base")
     p.add_argument("--lora-base", default=None, help="base for a LoRA output whose config.yaml path moved")
     p.add_argument("--json", default=None, help="also write the results as JSON here")

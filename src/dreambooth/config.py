@@ -36,7 +36,12 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass
 class ModelConfig:
     path: str = _f("", "Local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
-    family: Literal["auto", "sd"] = _f("auto", "Model family; 'auto' reads model_index.json. 'sd' = Stable Diffusion 1.x/2.x.")
+    family: Literal["auto", "sd", "sdxl"] = _f(
+        "auto", "Model family; 'auto' reads model_index.json. 'sd' = Stable Diffusion 1.x/2.x, 'sdxl' = SDXL.")
+    vae_path: Optional[str] = _f(
+        None, "A replacement VAE folder (diffusers AutoencoderKL). SDXL's own VAE overflows in fp16, so it is kept in "
+        "fp32 under mixed precision; an fp16-safe SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) given here is cast "
+        "like the other frozen parts instead.")
 
 
 @dataclass
@@ -85,9 +90,13 @@ class LoRAConfig:
 
 @dataclass
 class TextEncoderConfig:
-    train: bool = _f(False, "Also train the text encoder (the blog: better results, especially for faces; more memory).")
-    lr: Optional[float] = _f(None, "Learning rate for the text encoder. Default: optim.lr.")
-    stop_step: Optional[int] = _f(None, "Freeze the text encoder from this optimizer step on (it overfits sooner than the UNet).")
+    train: bool = _f(False, "Also train this text encoder (the blog: better results, especially for faces; more memory).")
+    lr: Optional[float] = _f(None, "Learning rate for this text encoder. Default: optim.lr.")
+    stop_step: Optional[int] = _f(None, "Freeze this text encoder from this optimizer step on (it overfits sooner than the UNet).")
+
+
+# Config sections that train text encoders, named after the model's module (SDXL has both).
+TEXT_ENCODER_SECTIONS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -185,6 +194,7 @@ class TrainConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_encoder_2: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # SDXL's OpenCLIP bigG
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -206,9 +216,13 @@ class TrainConfig:
     def augment(self) -> bool:
         return self.data.random_flip or not self.data.center_crop
 
+    def text_encoders(self) -> dict[str, TextEncoderConfig]:
+        """Text-encoder module name -> its section (text_encoder, text_encoder_2)."""
+        return {name: getattr(self, name) for name in TEXT_ENCODER_SECTIONS}
+
     @property
     def trains_text_encoder(self) -> bool:
-        return self.text_encoder.train
+        return any(te.train for te in self.text_encoders().values())
 
     @property
     def cache_latents(self) -> bool:
@@ -216,7 +230,7 @@ class TrainConfig:
 
     @property
     def cache_text_embeddings(self) -> bool:
-        default = not self.text_encoder.train
+        default = not self.trains_text_encoder
         return default if self.memory.cache_text_embeddings is None else self.memory.cache_text_embeddings
 
     # ---- consistency checks -----------------------------------------------------------
@@ -249,11 +263,12 @@ class TrainConfig:
         _check_choices(self)
         if self.optim.lr <= 0:
             raise DreamBoothError(f"optim.lr must be positive, got {self.optim.lr}")
-        if not self.text_encoder.train and (self.text_encoder.stop_step is not None or self.text_encoder.lr is not None):
-            raise DreamBoothError("text_encoder.lr/stop_step are set but text_encoder.train is false: set text_encoder.train=true")
-        if self.text_encoder.train and self.memory.cache_text_embeddings:
-            raise DreamBoothError("memory.cache_text_embeddings=true cannot be used with text_encoder.train=true "
-                                  "(the embeddings change every step)")
+        for name, te in self.text_encoders().items():
+            if not te.train and (te.stop_step is not None or te.lr is not None):
+                raise DreamBoothError(f"{name}.lr/stop_step are set but {name}.train is false: set {name}.train=true")
+            if te.train and self.memory.cache_text_embeddings:
+                raise DreamBoothError(f"memory.cache_text_embeddings=true cannot be used with {name}.train=true "
+                                      "(the embeddings change every step)")
         if self.augment and self.memory.cache_latents:
             raise DreamBoothError("memory.cache_latents=true cannot be used with data.random_flip or data.center_crop=false "
                                   "(each step sees a different crop); turn the augmentation off or the cache off")
@@ -422,8 +437,13 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def yaml_text(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML, in field order (what config.yaml files hold)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml_text(cfg))
 
 
 def build_config(*layers: dict) -> TrainConfig:

@@ -18,6 +18,8 @@ With as many class as subject samples this equals diffusers' `instance_loss + la
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -67,10 +69,9 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 
 def diffusion_loss(
-    unet,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
     latents: torch.Tensor,
-    conditioning: dict[str, torch.Tensor],
     generator: torch.Generator,
     snr_gamma: float | None = None,
     offset_noise: float = 0.0,
@@ -78,10 +79,10 @@ def diffusion_loss(
     """One denoising loss per sample (B,).
 
     Args:
-        unet: the denoiser, called as unet(noisy_latents, timesteps, **conditioning).sample.
+        predict: (noisy latents x_t, timesteps t) -> the model's prediction of the target; the
+            model family supplies it with the conditioning bound (`ModelFamily.predict`).
         scheduler: the training noise schedule (a DDPMScheduler).
         latents: clean latents x0 (B, C, H, W).
-        conditioning: UNet keyword arguments, e.g. encoder_hidden_states (B, 77, D).
         generator: CPU generator for noise and timesteps (saved in checkpoints for exact resume).
         snr_gamma: Min-SNR-gamma; None disables the weighting.
         offset_noise: offset-noise strength.
@@ -89,7 +90,7 @@ def diffusion_loss(
     noise = sample_noise(latents.shape, generator, offset_noise).to(latents.device, latents.dtype)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, C, H, W)
-    prediction = unet(noisy, timesteps, **conditioning).sample
+    prediction = predict(noisy, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
     # MSE in fp32 whatever the autocast dtype: the per-sample means are what we weight.
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)

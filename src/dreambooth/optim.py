@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .config import TrainConfig
+from .config import OptimConfig
 from .errors import DreamBoothError
 
 
@@ -33,7 +33,7 @@ def import_bitsandbytes(needed_by: str, instead: str):
     return bnb
 
 
-def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(param_groups: list[dict], optim: OptimConfig, weights_dtype: str = "fp32") -> torch.optim.Optimizer:
     """param_groups: [{"params": [...], "lr": ...}, ...] (UNet, then the text encoder with its own lr).
 
     With optim.fused_backward, one optimizer of the chosen kind per parameter, stepped from the
@@ -41,19 +41,18 @@ def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.O
     """
     # Checked once here, not in _build: with fused_backward that runs once per parameter.
     # (The config allows int8 moments only with bf16 weights, i.e. our AdamW.)
-    if cfg.optim.optimizer == "adamw8bit":
+    if optim.optimizer == "adamw8bit":
         import_bitsandbytes("optim.optimizer=adamw8bit", "optim.optimizer=adamw")
-    elif cfg.optim.moments_dtype == "int8":
+    elif optim.moments_dtype == "int8":
         import_bitsandbytes("optim.moments_dtype=int8", "optim.moments_dtype=bf16")
-    if cfg.optim.fused_backward:
-        return OptimizerInBackward(param_groups, lambda groups: _build(groups, cfg))
-    return _build(param_groups, cfg)
+    if optim.fused_backward:
+        return OptimizerInBackward(param_groups, lambda groups: _build(groups, optim, weights_dtype))
+    return _build(param_groups, optim, weights_dtype)
 
 
-def _build(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
+def _build(param_groups: list[dict], o: OptimConfig, weights_dtype: str) -> torch.optim.Optimizer:
     name = o.optimizer
-    if name == "adamw" and cfg.memory.weights_dtype == "bf16":
+    if name == "adamw" and weights_dtype == "bf16":
         from .bf16_adamw import AdamWStochasticRounding
 
         return AdamWStochasticRounding(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps,
@@ -149,9 +148,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
             handle.remove()
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int):
     """diffusers' get_scheduler; stepped once per optimizer step (not per micro-batch or per process)."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(cfg.optim.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                         num_training_steps=cfg.train.max_steps)
+    return get_scheduler(optim.lr_scheduler, optimizer=optimizer, num_warmup_steps=optim.warmup_steps,
+                         num_training_steps=max_steps)

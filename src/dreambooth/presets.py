@@ -36,6 +36,38 @@ TRAIN_PRESETS: dict[str, dict[str, object]] = {
         "train.gradient_accumulation_steps": 4,
         "data.random_flip": True,
     },
+    # SDXL (model.family sdxl). Its native resolution is 1024 px: "The default resolution of SDXL is
+    # 1024x1024" (kohya-ss/sd-scripts docs/train_SDXL-en.md). Sources of each number below:
+    # sdxl-lora, diffusers' examples/dreambooth/README_sdxl.md command for
+    # train_dreambooth_lora_sdxl.py: resolution 1024, learning_rate 1e-4, train_batch_size 1 x
+    # gradient_accumulation_steps 4, max_train_steps 500, constant schedule without warmup, and the
+    # script's rank 4 with lora_alpha = rank. The text encoders stay frozen, as in that command and
+    # as kohya recommends for SDXL LoRA ("--network_train_unet_only ... highly recommended",
+    # train_SDXL-en.md); their embeddings are then cached (both encoders, pooled included).
+    "sdxl-lora": {
+        "data.resolution": 1024,
+        "train.method": "lora",
+        "lora.rank": 4,
+        "lora.alpha": 4.0,
+        "optim.lr": 1e-4,
+        "optim.lr_scheduler": "constant",
+        "train.max_steps": 500,
+        "train.batch_size": 1,
+        "train.gradient_accumulation_steps": 4,
+    },
+    # sdxl-full: kohya's SDXL full fine-tune advice (train_SDXL-en.md): Adafactor with its own step
+    # size off, constant_with_warmup, 100 warmup steps, learning_rate 4e-7 ("SDXL original learning
+    # rate"); batch 1 and 1600 steps are sd-scripts' defaults (library/train_util.py). No preset we
+    # know of from diffusers: its SDXL DreamBooth script trains LoRA only.
+    "sdxl-full": {
+        "data.resolution": 1024,
+        "optim.optimizer": "adafactor",
+        "optim.lr": 4e-7,
+        "optim.lr_scheduler": "constant_with_warmup",
+        "optim.warmup_steps": 100,
+        "train.max_steps": 1600,
+        "train.batch_size": 1,
+    },
     # Speed and memory presets (issue 4). Measured costs: bench/RESULTS.md. Both also run on a CPU;
     # settings that only pay off on a GPU are left for the user to add there (see each note).
     #

@@ -25,16 +25,17 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import objective
-from .config import TrainConfig
-from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
-from .data.dataset import DreamBoothData, class_examples, subject_examples
 from .compat import check_environment
+from .config import TrainConfig, to_dict, yaml_text
+from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
+from .data.dataset import DreamBoothData, Positions, class_examples, subject_examples
 from .errors import DreamBoothError
-from .export import export, update_model_card
+from .export import export, model_card, update_model_card
 from .files import finish_swap
-from .models.load import check_resolution, detect_family
+from .inputs import Latents, Texts
+from .models.load import check_resolution, check_settings, detect_family
 from .models.memory import apply_memory_options
-from .models.trainable import freeze_text_encoder, setup_trainable
+from .models.trainable import setup_trainable
 from .optim import OptimizerInBackward, build_lr_scheduler, build_optimizer
 from .timing import PhaseTimer
 from .validation import Logger, validate
@@ -62,6 +63,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     check_environment(cfg)  # installed packages can do what the settings ask
     family = detect_family(cfg.model.path, cfg.model.family)
+    check_settings(cfg.text_encoders(), family, cfg.model.path)
     check_resolution(cfg.data.resolution, cfg.model.path, family)
     out = Path(cfg.train.output_dir)
     finish_swap(out)  # complete an export that a kill interrupted
@@ -73,9 +75,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # accelerate gives DeepSpeed exactly one model and lets it own precision and the optimizer step
-        clash = [name for name, on in (("text_encoder.train=true", cfg.text_encoder.train),
-                                       ("memory.weights_dtype=bf16", cfg.memory.weights_dtype == "bf16"),
-                                       ("optim.fused_backward=true", cfg.optim.fused_backward)) if on]
+        clash = [f"{name}.train=true" for name, te in cfg.text_encoders().items() if te.train]
+        clash += [name for name, on in (("memory.weights_dtype=bf16", cfg.memory.weights_dtype == "bf16"),
+                                        ("optim.fused_backward=true", cfg.optim.fused_backward)) if on]
         if clash:
             raise DreamBoothError(f"DeepSpeed (accelerate config) cannot run with {', '.join(clash)}: accelerate prepares "
                                   "one model for DeepSpeed, which also owns precision and the optimizer step. Turn them "
@@ -85,7 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")
 
     # 1. settings, model and photos - every input error surfaces here, before any training
-    comps = family.load(Path(cfg.model.path))
+    comps = family.load(Path(cfg.model.path), cfg.model.vae_path)
     concepts = cfg.resolved_concepts()
     subject = subject_examples(concepts, cfg.data)
     fingerprint = model_fingerprint(cfg.model.path)
@@ -108,45 +110,44 @@ def train(cfg: TrainConfig) -> TrainResult:
                                          dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
                      for c in concepts]
         klass = class_examples(files, concepts, cfg.data)
-    data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed)
+    accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed, Positions(cfg.train.batch_size, accum, world, rank))
 
     # 3. what trains, memory options, optimizer
     torch.manual_seed(cfg.train.seed)  # adapter init and dropout draw from the global RNG
-    trainable = setup_trainable(comps, cfg)
-    apply_memory_options(comps, cfg)
-    groups = [{"params": list(trainable.unet.values()), "lr": cfg.optim.lr}]
-    if trainable.text_encoder:
-        groups.append({"params": list(trainable.text_encoder.values()), "lr": cfg.text_encoder.lr or cfg.optim.lr})
-    optimizer = build_optimizer(groups, cfg)  # with optim.fused_backward it steps inside backward()
-    lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    text_encoders = cfg.text_encoders()
+    trainable = setup_trainable(comps, cfg.train.method, cfg.lora, text_encoders, cfg.memory.weights_dtype)
+    apply_memory_options(comps, cfg.memory, trainable.modules)
+    optimizer = build_optimizer(trainable.param_groups(cfg.optim.lr, text_encoders), cfg.optim,
+                                cfg.memory.weights_dtype)  # with optim.fused_backward it steps inside backward()
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
-    train_te = bool(trainable.text_encoder)
-    _place(comps.vae, accelerator.device, weight_dtype)
-    if train_te:
-        comps.unet, comps.text_encoder, optimizer = accelerator.prepare(comps.unet, comps.text_encoder, optimizer)
-    else:
-        _place(comps.text_encoder, accelerator.device, weight_dtype)
-        comps.unet, optimizer = accelerator.prepare(comps.unet, optimizer)
-    models = [comps.unet] + ([comps.text_encoder] if train_te else [])
+    for name, module in comps.modules.items():  # frozen parts: to the device, in the autocast dtype
+        if name not in trainable.modules:
+            _place(module, accelerator.device, torch.float32 if name in comps.keep_fp32 else weight_dtype)
+    *prepared, optimizer = accelerator.prepare(*(comps.modules[n] for n in trainable.modules), optimizer)
+    comps.modules.update(zip(trainable.modules, prepared))
+    models = prepared
+    stop_steps = {name: te.stop_step for name, te in text_encoders.items() if name in trainable.modules and te.stop_step is not None}
 
-    # 4. caches: encode each image / prompt once when the result cannot change
-    latent_cache = _encode_images(comps, data, accelerator) if cfg.cache_latents else None
-    text_cache = _encode_prompts(comps, data) if cfg.cache_text_embeddings else None
+    # 4. inputs: encode each image / prompt once when the result cannot change
+    latents = Latents(comps, data, cfg.cache_latents, accelerator.device, progress=accelerator.is_local_main_process)
+    texts = Texts(comps, data, cfg.cache_text_embeddings)
 
     # 5. resume
     generator = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, latent samples
     if resume_from is not None:
         ckpt.load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator)
         log.info("resumed from %s at step %d", resume_from, start_step)
-    if train_te and cfg.text_encoder.stop_step is not None and start_step >= cfg.text_encoder.stop_step:
-        freeze_text_encoder(comps, trainable)
+    for name, stop in stop_steps.items():
+        if start_step >= stop:
+            trainable.freeze(name)
 
     # 6. the loop
     logger = Logger(out / "logs", enabled=accelerator.is_main_process, resumed_at=start_step if resume_from else None)
     result = TrainResult(out, start_step, trainable_parameters=trainable.count())
     timer = PhaseTimer(enabled=True, synchronize=cfg.train.time_phases)
     result.phase_seconds = timer.seconds
-    accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     for m in models:
         m.train()
     bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
@@ -156,19 +157,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         # Noise, timesteps and latent samples of this step and process come from a generator seeded by
         # (seed, step, rank): processes never share noise, and a resume needs only the step number.
         generator.manual_seed(cfg.train.seed * 1_000_003 + step * world + rank)
-        if train_te and cfg.text_encoder.stop_step is not None and step == cfg.text_encoder.stop_step:
-            freeze_text_encoder(comps, trainable)
+        for name, stop in stop_steps.items():
+            if step == stop:
+                trainable.freeze(name)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
-            # Stream positions of this process's micro-batch: (step, micro, rank) -> disjoint ranges.
-            first = ((step * accum + micro) * world + rank) * cfg.train.batch_size
             with accelerator.accumulate(*models):
                 with timer.phase("data"):
-                    batch = data.batch(first, cfg.train.batch_size, with_pixels=latent_cache is None)
+                    batch = data.micro_batch(step, micro, with_pixels=latents.needs_pixels)
                 with timer.phase("forward"), accelerator.autocast():
-                    latents = _latents(comps, batch, latent_cache, generator, accelerator)  # (N, 4, H/8, W/8)
-                    conditioning = _conditioning(comps, batch, text_cache, accelerator)
-                    per_sample = objective.diffusion_loss(comps.unet, comps.noise_scheduler, latents, conditioning, generator,
+                    x0 = latents(batch, generator)  # (N, C, H/f, W/f)
+                    cond = family.conditioning(comps, texts(batch), batch)  # the denoiser's keyword arguments
+                    per_sample = objective.diffusion_loss(lambda noisy, t: family.predict(comps, noisy, t, cond),
+                                                          comps.noise_scheduler, x0, generator,
                                                           cfg.objective.snr_gamma, cfg.objective.offset_noise)  # (N,)
                     loss = objective.combine(per_sample, batch.is_prior, cfg.prior.loss_weight)
                 with timer.phase("backward"):
@@ -196,23 +197,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.checkpoint.every_n_steps and (done % cfg.checkpoint.every_n_steps == 0 or done == cfg.train.max_steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, cfg, fingerprint)
+                ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
+                                     cfg.checkpoint.keep, fingerprint)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
-            _validate(comps, cfg, accelerator, models, logger, done)
+            _validate(comps, trainable, cfg, accelerator, logger, done)
     bar.close()
     if in_backward is not None:
         in_backward.remove_hooks()  # the trained model leaves train() as a plain module
 
     accelerator.wait_for_everyone()
-    comps.unet = accelerator.unwrap_model(comps.unet)
-    comps.text_encoder = accelerator.unwrap_model(comps.text_encoder)
+    comps.modules.update({name: accelerator.unwrap_model(comps.modules[name]) for name in trainable.modules})
     if accelerator.is_main_process:
         # The model is written before the final validation, so a failure there cannot lose it.
-        export(comps, cfg, out, trainable, None, result)
+        export(comps, out, trainable, cfg.train.method == "lora",
+               card=model_card(cfg, family, None, result, out), config_yaml=yaml_text(cfg))
         if cfg.validation.prompts:
             with accelerator.autocast():
                 grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger)
-            update_model_card(cfg, out, grid, result)
+            update_model_card(out, model_card(cfg, family, grid, result, out))
     logger.close()
     result.seconds = time.time() - start_time
     accelerator.end_training()
@@ -227,6 +229,7 @@ def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
     if dtype != torch.float32:
         module.to(dtype=dtype)
 
+
 def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
     p = cfg.prior
     return ClassImageSettings(prompt=concept.class_prompt, num_images=p.num_class_images, resolution=cfg.data.resolution,
@@ -235,54 +238,16 @@ def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
                               batch_size=p.batch_size)
 
 
-@torch.no_grad()
-def _encode_images(comps, data: DreamBoothData, accelerator) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
-    """(kind, index) -> VAE posterior (mean, std), each (4, H/8, W/8), for every image, once."""
-    cache = {}
-    keys = [("subject", i) for i in range(len(data.subject))] + [("class", i) for i in range(len(data.klass))]
-    for kind, i in tqdm(keys, desc="caching latents", disable=not accelerator.is_local_main_process, leave=False):
-        mean, std = comps.family.encode_images(comps, data.pixels(kind, i)[None])
-        cache[(kind, i)] = (mean[0], std[0])
-    return cache
-
-
-@torch.no_grad()
-def _encode_prompts(comps, data: DreamBoothData) -> dict[str, dict[str, torch.Tensor]]:
-    """prompt -> UNet conditioning for every distinct prompt, once (text encoder frozen)."""
-    prompts = sorted({e.prompt for e in data.subject + data.klass})
-    cache = {}
-    for prompt in prompts:
-        cond = comps.family.encode_text(comps, comps.family.tokenize(comps, [prompt]))
-        cache[prompt] = {k: v[0] for k, v in cond.items()}
-    return cache
-
-
-def _latents(comps, batch, latent_cache, generator, accelerator) -> torch.Tensor:
-    if latent_cache is not None:
-        mean = torch.stack([latent_cache[k][0] for k in batch.indices])
-        std = torch.stack([latent_cache[k][1] for k in batch.indices])
-    else:
-        with torch.no_grad():
-            mean, std = comps.family.encode_images(comps, batch.pixels.to(accelerator.device))
-    return comps.family.latents_from(comps, mean.float(), std.float(), generator)
-
-
-def _conditioning(comps, batch, text_cache, accelerator) -> dict[str, torch.Tensor]:
-    prompts = [e.prompt for e in batch.examples]
-    if text_cache is not None:
-        return {k: torch.stack([text_cache[p][k] for p in prompts]) for k in text_cache[prompts[0]]}
-    return comps.family.encode_text(comps, comps.family.tokenize(comps, prompts).to(accelerator.device))
-
-
-def _validate(comps, cfg, accelerator, models, logger, step) -> None:
+def _validate(comps, trainable, cfg, accelerator, logger, step) -> None:
+    """Render the validation grid from the unwrapped modules, then hand the wrapped ones back to training."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unet, te = comps.unet, comps.text_encoder
-        comps.unet, comps.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(te)
+        wrapped = {name: comps.modules[name] for name in trainable.modules}
+        comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
         with accelerator.autocast():
             validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger)
-        comps.unet, comps.text_encoder = unet, te
-        for m in models:
+        comps.modules.update(wrapped)
+        for m in wrapped.values():
             m.train()
 
 

@@ -70,7 +70,7 @@ def _step_of(line: str) -> float:
 @torch.no_grad()
 def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, step: int, logger: Logger | None = None) -> Path:
     """Render every validation prompt with fixed seeds; save one grid (rows = prompts) as samples/step-NNNNNN.png."""
-    was_training = [(m, m.training) for m in (comps.unet, comps.text_encoder)]
+    was_training = [(m, m.training) for m in comps.modules.values()]
     for m, _ in was_training:
         m.eval()
     pipe = comps.family.pipeline(comps, scheduler=make_scheduler(vcfg.scheduler, comps.inference_scheduler.config))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..config import ConceptConfig, DataConfig
 from ..errors import DreamBoothError
-from .images import list_images, load_images, read_caption, to_tensor
+from .images import TrainingImage, crop_box, list_images, load_images, read_caption, to_tensor
 
 
 @dataclass
@@ -89,23 +89,53 @@ class Batch:
     is_prior: torch.Tensor  # (2B,) or (B,) bool
     pixels: torch.Tensor | None  # (N, 3, H, W) in [-1, 1]; None when latents are cached
     indices: list[tuple[str, int]]  # ("subject" | "class", index) per example: the cache keys
+    original_sizes: list[tuple[int, int]]  # (height, width) of each photo before resizing
+    crops: list[tuple[int, int]]  # (top, left) of each crop in its resized photo
+    target_size: tuple[int, int]  # (height, width) of every crop in the batch
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which stream positions a micro-batch takes: (step, micro, rank) -> disjoint ranges.
+
+    Position p belongs to exactly one (step, micro-batch, process), so processes never see the
+    same example in the same step and a resume needs only the step number.
+    """
+
+    batch_size: int = 1
+    accumulation: int = 1
+    world: int = 1
+    rank: int = 0
+
+    def first(self, step: int, micro: int) -> int:
+        return ((step * self.accumulation + micro) * self.world + self.rank) * self.batch_size
 
 
 class DreamBoothData:
     """Builds the micro-batch for any stream position range."""
 
-    def __init__(self, subject: list[Example], klass: list[Example], data: DataConfig, seed: int):
+    def __init__(self, subject: list[Example], klass: list[Example], data: DataConfig, seed: int,
+                 positions: Positions = Positions()):
         if not subject:
             raise DreamBoothError("no subject images: check concept.instance_dir")
-        self.subject, self.klass, self.data = subject, klass, data
+        self.subject, self.klass, self.data, self.positions = subject, klass, data, positions
         self.order = DataOrder(len(subject), len(klass), seed)
+        self.size = (data.resolution, data.resolution)  # (height, width) of every training crop
 
-    def pixels(self, kind: str, index: int, position: int | None = None) -> torch.Tensor:
-        """One example's training tensor (3, H, W); `position` seeds crop/flip when augmenting."""
+    def image(self, kind: str, index: int, position: int | None = None) -> TrainingImage:
+        """One example's training crop; `position` seeds crop/flip when augmenting."""
         example = (self.subject if kind == "subject" else self.klass)[index]
         g = self.order.augmentation_generator(position) if position is not None else None
         flip = bool(self.data.random_flip and torch.rand((), generator=g) < 0.5) if g is not None else False
-        return to_tensor(example.image, self.data.resolution, center_crop=self.data.center_crop, flip=flip, generator=g)
+        return to_tensor(example.image, self.size, center_crop=self.data.center_crop, flip=flip, generator=g)
+
+    def pixels(self, kind: str, index: int, position: int | None = None) -> torch.Tensor:
+        """One example's training tensor (3, H, W)."""
+        return self.image(kind, index, position).pixels
+
+    def micro_batch(self, step: int, micro: int, with_pixels: bool) -> Batch:
+        """This process's micro-batch `micro` of optimizer step `step` (see `Positions`)."""
+        return self.batch(self.positions.first(step, micro), self.positions.batch_size, with_pixels)
 
     def batch(self, first_position: int, batch_size: int, with_pixels: bool) -> Batch:
         subject_idx, class_idx = [], []
@@ -120,5 +150,10 @@ class DreamBoothData:
         pixels = None
         if with_pixels:
             positions = [p for _, p in subject_idx] + [p for _, p in class_idx]
-            pixels = torch.stack([self.pixels(kind, i, p) for (kind, i), p in zip(keys, positions)])
-        return Batch(examples, is_prior, pixels, keys)
+            crops = [self.image(kind, i, p) for (kind, i), p in zip(keys, positions)]
+            pixels = torch.stack([c.pixels for c in crops])
+            sizes, offsets = [c.original_size for c in crops], [c.crop_top_left for c in crops]
+        else:  # latents are cached only without augmentation: every crop is the deterministic centre crop
+            sizes = [(e.image.height, e.image.width) for e in examples]
+            offsets = [crop_box(e.image.width, e.image.height, self.size)[1:] for e in examples]
+        return Batch(examples, is_prior, pixels, keys, sizes, offsets, self.size)

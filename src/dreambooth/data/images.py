@@ -12,6 +12,7 @@ Listings are sorted by file name so that the same folder always gives the same o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -323,56 +324,76 @@ def validate_images(paths: list[Path], min_size: int) -> None:
 # Training tensors
 
 
+class TrainingImage(NamedTuple):
+    """A training crop and where it came from (SDXL conditions on both; buckets will record them)."""
+
+    pixels: torch.Tensor  # float32 (3, H, W) in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) of the photo before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized photo, as the model sees it
+
+
+def crop_box(width: int, height: int, size: tuple[int, int], center_crop: bool = True,
+             generator: torch.Generator | None = None) -> tuple[tuple[int, int], int, int]:
+    """Where a (height, width) `size` crop comes from: the resized photo's (width, height), top, left.
+
+    The photo is scaled (keeping its aspect) just enough to cover `size`, then cropped at the
+    centre or at an offset drawn with `torch.randint(..., generator=generator)`, top first. Both
+    offsets are always drawn, so the generator advances the same amount for every image.
+    """
+    target_h, target_w = size
+    scale = max(target_h / height, target_w / width)
+    # max() keeps each side at least the target whatever the rounding does.
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale))) if scale != 1 else (width, height)
+    if center_crop:
+        return resized, (resized[1] - target_h) // 2, (resized[0] - target_w) // 2
+    top = int(torch.randint(0, resized[1] - target_h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, resized[0] - target_w + 1, (1,), generator=generator))
+    return resized, top, left
+
+
 def to_tensor(
     image: Image.Image,
-    resolution: int,
+    size: int | tuple[int, int],
     center_crop: bool = True,
     flip: bool = False,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Resize, crop and normalise an RGB image into a training tensor.
+) -> TrainingImage:
+    """Resize, crop and normalise an RGB image into a training tensor, with its size and crop.
 
-    The shorter side is resized to `resolution` (PIL bicubic, which antialiases when shrinking),
-    then a `resolution` x `resolution` square is cropped: the centre, or a random offset drawn
-    with `torch.randint(..., generator=generator)`. Both offsets are always drawn, so the
-    generator advances the same amount for every image whatever its shape.
+    The image is resized (PIL bicubic, which antialiases when shrinking) so that it just covers
+    `size`, then cropped to it (see `crop_box`). A flip mirrors the crop and its offset: the
+    recorded left edge is then measured in the mirrored photo, which is what the model saw.
 
     Args:
         image (PIL.Image.Image): An RGB image, e.g. from `load_image`.
-        resolution (int): The side of the output square, in pixels.
+        size (int | tuple[int, int]): The output (height, width) in pixels; an int is a square.
         center_crop (bool): Crop the centre; if False, crop at a random offset.
         flip (bool): Mirror left-right. The caller decides, with its own random numbers.
         generator (torch.Generator | None): The generator for the random crop.
 
     Returns:
-        torch.Tensor: float32, shape (3, resolution, resolution), values in [-1, 1].
+        TrainingImage: pixels float32 (3, height, width) in [-1, 1], the photo's original
+        (height, width), and the crop's (top, left).
 
     Raises:
-        ValueError: If `image` is not RGB or `resolution` is not positive (programming errors).
+        ValueError: If `image` is not RGB or `size` is not positive (programming errors).
     """
     if image.mode != "RGB":
         raise ValueError(
             f"to_tensor needs an RGB image, got mode {image.mode!r}; use load_image first."
         )
-    if resolution <= 0:
-        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
-    width, height = image.size
-    if min(width, height) != resolution:
-        scale = resolution / min(width, height)
-        # max() keeps the shorter side exactly `resolution` whatever the rounding does.
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        width, height = image.size
-
-    if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    height, width = (size, size) if isinstance(size, int) else size
+    if min(height, width) <= 0:
+        raise ValueError(f"size must be a positive number of pixels, got {size}.")
+    original = (image.height, image.width)
+    resized, top, left = crop_box(image.width, image.height, (height, width), center_crop, generator)
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+    image = image.crop((left, top, left + width, top + height))
 
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3) uint8
     tensor = pixels.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
     if flip:
         tensor = tensor.flip(-1)
-    return tensor.contiguous()
+        left = resized[0] - width - left
+    return TrainingImage(tensor.contiguous(), original, (top, left))

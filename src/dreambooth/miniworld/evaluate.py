@@ -27,6 +27,8 @@ is read from its config.yaml unless `lora_base` is given) or any pipeline folder
 
 from __future__ import annotations
 
+import json
+
 import math
 import time
 from collections import Counter
@@ -42,6 +44,22 @@ from .classifier import load_classifier
 from .recipes import ASSETS
 
 DEFAULT_BASE = ASSETS / "base"
+BASES = {"sd": DEFAULT_BASE, "sdxl": ASSETS / "base-sdxl"}  # the miniature base of each model family
+
+
+def base_of(model_dir: str | Path) -> Path:
+    """The miniature base a trained output comes from: the one of its model family (its config.yaml's)."""
+    import yaml
+
+    config = Path(model_dir) / "config.yaml"
+    if config.is_file():
+        model = yaml.safe_load(config.read_text()).get("model", {})
+        if Path(model.get("path", "")).is_dir():
+            return Path(model["path"])
+    index = Path(model_dir) / "model_index.json"
+    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
+        return BASES["sdxl"]
+    return DEFAULT_BASE
 DEFAULT_CLASSIFIER = ASSETS / "classifier"
 
 

@@ -316,15 +316,24 @@ class BaseRecipe:
     pool: int = 40_000  # world examples, encoded by the VAE once (latent caching)
     text_hidden: int = 64
     text_layers: int = 3
+    family: str = "sd"  # "sdxl": a second, projected text encoder, pooled embedding and size/crop time ids
+    text_hidden_2: int = 0  # SDXL: the second encoder's width (OpenCLIP bigG's role), also the pooled width
+    time_dim: int = 0  # SDXL: addition_time_embed_dim, per size/crop number
 
 
-def build_text_encoder(tokenizer, recipe: BaseRecipe):
-    from transformers import CLIPTextConfig, CLIPTextModel
+# The miniature SDXL base: the same world, VAE and tokenizer files as the SD base; two narrower
+# text encoders (their 49,408-row embeddings dominate the size) so that it stays under 15 MB.
+SDXL_BASE = BaseRecipe(family="sdxl", text_hidden=24, text_hidden_2=32, time_dim=8)
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.text_hidden, intermediate_size=4 * recipe.text_hidden,
+
+def build_text_encoder(tokenizer, recipe: BaseRecipe, hidden: int | None = None, projected: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    hidden = hidden or recipe.text_hidden
+    return (CLIPTextModelWithProjection if projected else CLIPTextModel)(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
         num_hidden_layers=recipe.text_layers, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-        projection_dim=recipe.text_hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        projection_dim=hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
 
@@ -332,10 +341,13 @@ def build_text_encoder(tokenizer, recipe: BaseRecipe):
 def build_unet(recipe: BaseRecipe):
     from diffusers import UNet2DConditionModel
 
+    sdxl = {} if recipe.family == "sd" else dict(
+        addition_embed_type="text_time", addition_time_embed_dim=recipe.time_dim,
+        projection_class_embeddings_input_dim=6 * recipe.time_dim + recipe.text_hidden_2)
     return UNet2DConditionModel(
         sample_size=world.SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=recipe.text_hidden, attention_head_dim=4, norm_num_groups=16,
+        cross_attention_dim=recipe.text_hidden + recipe.text_hidden_2, attention_head_dim=4, norm_num_groups=16, **sdxl,
     )
 
 
@@ -347,13 +359,15 @@ def build_scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def write_tokenizer(src: Path, dst: Path) -> None:
-    """Copy a CLIP tokenizer folder (vocab.json, merges.txt) with model_max_length = MAX_TOKENS."""
+def write_tokenizer(src: Path, dst: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Copy a CLIP tokenizer folder (vocab.json, merges.txt) with model_max_length = MAX_TOKENS.
+
+    pad_token: SDXL's second tokenizer pads with "!" instead of the end token."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         (dst / name).write_bytes((src / name).read_bytes())
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS, "bos_token": "<|startoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -377,56 +391,64 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Optional[float] = 40, steps: Optional[int] = None,
-               recipe: BaseRecipe = BaseRecipe()) -> dict:
-    """Pretrain text encoder + UNet on the world; write a StableDiffusionPipeline folder to `out_dir`.
+               recipe: BaseRecipe = BaseRecipe(), vae_dir: Optional[Path] = None) -> dict:
+    """Pretrain the text encoder(s) + UNet on the world; write a pipeline folder of `recipe.family` to `out_dir`.
 
-    `out_dir/vae` must already hold the VAE (stage `vae`). The tokenizer comes from
-    `tokenizer_dir` (scripts/make_clip_tokenizer.py output) or, when omitted, `out_dir/tokenizer`.
+    The VAE comes from `vae_dir` (default `out_dir/vae`, made by stage `vae`). The tokenizer comes
+    from `tokenizer_dir` (scripts/make_clip_tokenizer.py output) or, when omitted, `out_dir/tokenizer`.
+    Prompts become conditioning through the trainer's own model family (`encode_prompt`,
+    `conditioning`, `predict`), so the base is trained exactly as DreamBooth will fine-tune it.
     """
     import copy
+    from types import SimpleNamespace
 
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
+
+    from ..models.family import Components
+    from ..models.load import FAMILIES
 
     t_start = time.time()
     out_dir = Path(out_dir)
+    family = FAMILIES[recipe.family]
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else out_dir / "tokenizer"
     if not (tokenizer_dir / "vocab.json").is_file():
         raise FileNotFoundError(f"no CLIP tokenizer at {tokenizer_dir}; make one with scripts/make_clip_tokenizer.py "
                                 "from open-clip-torch's bpe_simple_vocab_16e6.txt.gz and pass --tokenizer")
-    tmp_tok = out_dir.parent / ".tokenizer-staging"
-    write_tokenizer(tokenizer_dir, tmp_tok)
-    tokenizer = CLIPTokenizer.from_pretrained(tmp_tok)
-    vae = load_vae(out_dir / "vae")
+    tmp_tok = out_dir.parent / f".tokenizer-staging-{recipe.family}"
+    tokenizers = {}
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))[:len(family.text_encoders)]:
+        write_tokenizer(tokenizer_dir, tmp_tok / name, pad_token=pad)
+        tokenizers[name] = CLIPTokenizer.from_pretrained(tmp_tok / name)
+    vae = load_vae(Path(vae_dir) if vae_dir else out_dir / "vae")
 
     log(f"encoding {recipe.pool} world examples with the VAE")
     mean, std, scenes = encode_pool(vae, recipe.pool)  # (P, 4, 8, 8) each
     scale = vae.config.scaling_factor
-    token_cache: dict[str, torch.Tensor] = {}
-
-    def tokens(captions: list[str]) -> torch.Tensor:
-        missing = [c for c in set(captions) if c not in token_cache]
-        if missing:
-            ids = tokenizer(missing, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-            token_cache.update(zip(missing, ids))
-        return torch.stack([token_cache[c] for c in captions])  # (B, 16)
 
     torch.manual_seed(recipe.seed)
-    text_encoder = build_text_encoder(tokenizer, recipe)
+    text_encoders = {"text_encoder": build_text_encoder(tokenizers["tokenizer"], recipe)}
+    if "text_encoder_2" in family.text_encoders:
+        text_encoders["text_encoder_2"] = build_text_encoder(tokenizers["tokenizer_2"], recipe, recipe.text_hidden_2, projected=True)
     torch.manual_seed(recipe.seed)
     unet = build_unet(recipe)
-    ema_te, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
-    log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters")
+    comps = Components(out_dir, family, {"unet": unet, "vae": vae, **text_encoders}, tokenizers, None, build_scheduler())
+    ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in {"unet": unet, **text_encoders}.items()}
+    log(f"{family.name} base: " + ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
+                                           for name, m in {"unet": unet, **text_encoders}.items()) + " parameters")
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    trained = [unet, *text_encoders.values()]
+    params = [p for m in trained for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = [10 ** 9]
     losses: list[float] = []
+    size = (world.SIZE, world.SIZE)
+    geometry = SimpleNamespace(original_sizes=[size] * recipe.batch_size, crops=[(0, 0)] * recipe.batch_size,
+                               target_size=size)  # world images are whole, uncropped 32 x 32 renders
 
     def step(i: int) -> float:
-        unet.train()
-        text_encoder.train()
+        for m in trained:
+            m.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(i, total[0], recipe.lr, recipe.warmup)
         rng = np.random.default_rng([recipe.seed, i, 5])
@@ -437,15 +459,15 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        cond = text_encoder(tokens(captions))[0]  # (B, 16, 64)
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        cond = family.conditioning(comps, family.encode_prompt(comps, captions), geometry)
+        pred = family.predict(comps, noisy, t, cond)
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _ema_update(ema_unet, unet, recipe.ema_decay if i >= recipe.warmup else 0.0)
-        _ema_update(ema_te, text_encoder, recipe.ema_decay if i >= recipe.warmup else 0.0)
+        for name, module in {"unet": unet, **text_encoders}.items():
+            _ema_update(ema[name], module, recipe.ema_decay if i >= recipe.warmup else 0.0)
         losses.append(loss.item())
         return losses[-1]
 
@@ -457,14 +479,13 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
             log(f"base step {i}/{total[0]} loss (mean of last 200) {np.mean(losses[-200:]):.4f}")
     train_seconds = time.time() - t0
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_te.eval(), tokenizer=tokenizer, unet=ema_unet.eval(),
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out_dir)
+    comps.modules.update({name: m.eval() for name, m in ema.items()})
+    family.pipeline(comps, scheduler=build_scheduler()).save_pretrained(out_dir)
     import shutil
 
-    shutil.rmtree(out_dir / "tokenizer")
-    write_tokenizer(tmp_tok, out_dir / "tokenizer")  # only vocab.json + merges.txt, as SD ships it
+    for name in tokenizers:  # only vocab.json + merges.txt + config, as SD ships it
+        shutil.rmtree(out_dir / name)
+        write_tokenizer(tmp_tok / name, out_dir / name, pad_token=tokenizers[name].pad_token)
     shutil.rmtree(tmp_tok)
     vae_config = out_dir / "vae" / "config.json"  # drop the machine-specific path from_pretrained recorded
     vae_config.write_text(json.dumps({k: v for k, v in json.loads(vae_config.read_text()).items() if k != "_name_or_path"},
@@ -475,3 +496,19 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
             "torch": torch.__version__}
     log(f"base done: {info}")
     return info
+
+
+def share_files(folder: Path, source: Path, names: dict[str, str]) -> None:
+    """Replace files of `folder` by relative symlinks to identical files of `source` ({copy: original}).
+
+    The miniature SDXL base shares the SD base's VAE and tokenizer files this way: git stores a
+    link, and a wheel (which cannot hold links) stores the bytes once more.
+    """
+    import os
+
+    for name, source_name in names.items():
+        copy, original = folder / name, source / source_name
+        if copy.read_bytes() != original.read_bytes():
+            raise ValueError(f"{copy} differs from {original}; only identical files can be shared")
+        copy.unlink()
+        copy.symlink_to(os.path.relpath(original, copy.parent))

@@ -8,43 +8,46 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig
+from ..config import MemoryConfig
 from ..errors import DreamBoothError
-from .load import Components
+from .family import Components
 
 
-def apply_memory_options(comps: Components, cfg: TrainConfig) -> None:
-    if cfg.memory.gradient_checkpointing:
+def apply_memory_options(comps: Components, memory: MemoryConfig, trained: list[str]) -> None:
+    """Switch on the memory options for the denoiser and the `trained` text encoders."""
+    unet = comps.denoiser
+    if memory.gradient_checkpointing:
         # Recompute activations in the backward pass instead of storing them.
-        comps.unet.enable_gradient_checkpointing()
-        if cfg.memory.checkpoint_levels:
-            keep_stored = _low_resolution_blocks(comps.unet, cfg.memory.checkpoint_levels)
+        unet.enable_gradient_checkpointing()
+        if memory.checkpoint_levels:
+            keep_stored = _low_resolution_blocks(unet, memory.checkpoint_levels)
             for block in keep_stored:
                 for module in block.modules():
                     if hasattr(module, "gradient_checkpointing"):
                         module.gradient_checkpointing = False
-        if cfg.text_encoder.train:
-            comps.text_encoder.gradient_checkpointing_enable()
-    if cfg.memory.attention == "xformers":
+        for name in trained:
+            if name in comps.family.text_encoders:
+                comps.modules[name].gradient_checkpointing_enable()
+    if memory.attention == "xformers":
         try:
             import xformers  # noqa: F401
         except ImportError:
             raise DreamBoothError("memory.attention=xformers needs xFormers: pip install xformers (CUDA), "
                                   "or use memory.attention=sdpa, which is as memory-efficient on PyTorch >= 2") from None
-        comps.unet.enable_xformers_memory_efficient_attention()
-    if cfg.memory.attention == "classic":
+        unet.enable_xformers_memory_efficient_attention()
+    if memory.attention == "classic":
         # The textbook attention: softmax(QK^T)V with the whole token-by-token matrix in memory
         # (at 512 px, 4096 x 4096 per head at the highest level). Kept to measure what SDPA saves.
         from diffusers.models.attention_processor import AttnProcessor
 
-        comps.unet.set_attn_processor(AttnProcessor())
+        unet.set_attn_processor(AttnProcessor())
     # "sdpa": diffusers' default attention processor already calls torch's scaled_dot_product_attention.
-    if cfg.memory.channels_last:
+    if memory.channels_last:
         # NHWC weights; convolutions then produce NHWC activations (tensor-core friendly on GPUs).
-        comps.unet.to(memory_format=torch.channels_last)
-    if cfg.memory.compile_unet:
+        unet.to(memory_format=torch.channels_last)
+    if memory.compile_unet:
         # In place (nn.Module.compile): the module keeps its class, parameter names and save_pretrained.
-        comps.unet.compile()
+        unet.compile()
 
 
 def _low_resolution_blocks(unet, levels: int) -> list[torch.nn.Module]:

@@ -1,0 +1,140 @@
+"""The model-family seam: everything that differs between Stable Diffusion 1.x/2.x, SDXL and
+DeepFloyd IF lives behind `ModelFamily`, so the loop (`train.py`), the objective and the exporter
+never branch on a family (k-diffusion's `external.py` wrappers are the pattern: the wrapper knows
+the model, the loss knows only `predict`).
+
+A family is a plain object that follows the `ModelFamily` Protocol; there is no base class to
+inherit from (torchtune's rule). One module per family: `sd.py`, `sdxl.py`. A family owns:
+
+- the folder: which parts it must have (`parts`), its pipeline class names, and `load` into
+  `Components`, a mapping of named modules in which a module may be absent (IF has no VAE);
+- what can train: `denoiser` and `text_encoders` name the modules; `trainable.py` makes them full
+  or LoRA, each text encoder with its own config section (learning rate, stop step);
+- `encode_prompt`: tokenizers, attention masks, pooled outputs -> per-prompt tensors (cacheable);
+- `encode_images` / `latents_from`: pixels -> the denoiser's input space; `latent_factor` drives
+  every resolution check (8 for SD's VAE, 1 in pixel space);
+- `conditioning`: text tensors plus per-image facts (SDXL's original size and crop, IF stage II's
+  low-resolution image and noise level) -> the denoiser's keyword arguments;
+- `predict(comps, noisy, timesteps, cond)`: the denoiser's output in the objective's target space
+  (IF stage I keeps the epsilon half of its learned-variance output);
+- `pipeline`: the diffusers pipeline for validation and sampling over the training modules;
+- `save_lora`, `usage` (the model card's snippet) and what `export` writes.
+
+Checked on paper against a flow-matching transformer family (SD3, Flux), which must fit without a
+change to the loop:
+- its denoiser is a transformer: `denoiser = "transformer"`, and `predict` calls it with its own
+  keyword names (`hidden_states`, `encoder_hidden_states`, `pooled_projections`, `timestep`);
+- its three text encoders (two CLIP, one T5) are `text_encoders`; `encode_prompt` returns the
+  joint sequence and the pooled vector, as SDXL's does;
+- its target (velocity eps - x0) and noising (x_t = (1 - s) x0 + s eps) are diffusion maths, so
+  they go in `objective.py`, selected by the noise schedule's `prediction_type` ("flow"), next to
+  epsilon and v; the family's `load` supplies that schedule as `noise_scheduler`;
+- its timestep density (logit-normal, mode sampling) is an objective setting
+  (`objective.timestep_density`), drawn in `objective.sample_timesteps`, not a loop change;
+- its VAE has a shift as well as a scale, which `latents_from` applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model: named modules (a family may lack any but its denoiser)."""
+
+    model_dir: Path
+    family: "ModelFamily"
+    modules: dict[str, torch.nn.Module]  # e.g. unet, vae, text_encoder, text_encoder_2
+    tokenizers: dict[str, Any]  # e.g. tokenizer, tokenizer_2
+    noise_scheduler: Any  # the training noise schedule (a DDPMScheduler for SD/SDXL)
+    inference_scheduler: Any  # the folder's own sampler, kept for export and validation
+    keep_fp32: set[str] = field(default_factory=set)  # frozen modules never cast to the autocast dtype
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.modules[self.family.denoiser]
+
+    def __getattr__(self, name: str):
+        # Read access by folder name (comps.unet, comps.vae, comps.tokenizer_2); code that
+        # replaces a module (accelerate's wrappers) assigns through `modules`.
+        for parts in (self.__dict__.get("modules", {}), self.__dict__.get("tokenizers", {})):
+            if name in parts:
+                return parts[name]
+        raise AttributeError(f"{type(self).__name__} has no module or tokenizer {name!r}")
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+class ModelFamily(Protocol):
+    name: str  # model.family value
+    hub_tag: str  # the model card's tag (stable-diffusion, stable-diffusion-xl)
+    pipeline_class_names: tuple[str, ...]  # model_index.json _class_name values it recognises
+    parts: tuple[str, ...]  # sub-folders a model folder must have
+    denoiser: str  # module name of the network the objective trains
+    text_encoders: tuple[str, ...]  # module names; config sections of the same names train them
+
+    def latent_factor(self, model_dir: Path) -> int:
+        """Pixels per latent along each side, read from the folder's configs (no weights loaded)."""
+
+    def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
+        """Every part, frozen; training decides what to unfreeze."""
+
+    def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> per-prompt text tensors, first dimension N (what the text cache stores)."""
+
+    def encode_images(self, comps: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels (N, 3, H, W) in [-1, 1] -> the input-space distribution's mean and std."""
+
+    def latents_from(self, comps: Components, mean: torch.Tensor, std: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+        """A sample of that distribution, scaled to the denoiser's input space."""
+
+    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch) -> dict[str, Any]:
+        """Text tensors + per-image facts of `batch` -> the denoiser's keyword arguments."""
+
+    def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction, in the space of objective.training_target."""
+
+    def pipeline(self, comps: Components, scheduler=None):
+        """A diffusers pipeline over the (possibly training) modules."""
+
+    def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
+        """Write the adapters of the `trained` modules in diffusers' LoRA format."""
+
+    def usage(self, model: str, base: str, lora: bool) -> list[str]:
+        """Python lines that load the exported model, for the model card."""
+
+
+def load_part(name: str, where: Path, loader):
+    """Run one part's loader; any failure becomes one line naming the part and its folder."""
+    from ..errors import DreamBoothError
+
+    try:
+        return loader()
+    except Exception as e:  # from_pretrained raises many types; the user needs the path and the part
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DreamBoothError(f"could not load the {name} from {where}: {type(e).__name__}: {first} "
+                              "(is the folder complete and uncorrupted?)") from e
+
+
+def own_scheduler(model_dir: Path):
+    """The sampler the folder ships (e.g. PNDM for SD 1.5, Euler for SDXL), by its recorded class."""
+    import json
+
+    import diffusers
+
+    config = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+    return cls.from_pretrained(model_dir, subfolder="scheduler")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (also through accelerate's wrappers, which have no `.device`)."""
+    return next(module.parameters()).device

@@ -1,0 +1,140 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a VAE latent space, no extra conditioning.
+
+The VAE and UNet helpers here are plain functions, so SDXL (the same VAE and UNet call, more
+conditioning) reuses them by calling them, not by inheriting from this family.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .family import Components, load_part, module_device, own_scheduler
+
+
+def vae_factor(model_dir: Path) -> int:
+    """Pixels per latent along each side: 2 ** (VAE levels - 1), read from the VAE's config (8 for SD)."""
+    config = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def load_vae(model_dir: Path, vae_path: str | None):
+    """The folder's VAE, or a replacement VAE folder (model.vae_path, e.g. an fp16-safe SDXL VAE)."""
+    from diffusers import AutoencoderKL
+
+    if vae_path:
+        return load_part("VAE", Path(vae_path), lambda: AutoencoderKL.from_pretrained(vae_path))
+    return load_part("vae", model_dir / "vae", lambda: AutoencoderKL.from_pretrained(model_dir, subfolder="vae"))
+
+
+def vae_encode(comps: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std, each (N, 4, H/f, W/f).
+
+    We keep the distribution, not a sample, so that cached and uncached training draw the same
+    latent sample from the same generator.
+    """
+    vae = comps.modules["vae"]
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def vae_latents(comps: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Sample the VAE posterior and scale to the UNet's unit-variance latent space."""
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+    return (mean + std * eps) * comps.modules["vae"].config.scaling_factor
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> token ids (N, 77), padded and truncated as the pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def unet_predict(comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+    return comps.denoiser(noisy, timesteps, **cond).sample
+
+
+class StableDiffusionFamily:
+    name = "sd"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    hub_tag = "stable-diffusion"  # the model card's tag
+    denoiser = "unet"
+    text_encoders = ("text_encoder",)
+
+    def latent_factor(self, model_dir: Path) -> int:
+        return vae_factor(model_dir)
+
+    def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = load_part("tokenizer", model_dir / "tokenizer", lambda: CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
+        text_encoder = load_part("text_encoder", model_dir / "text_encoder",
+                                 lambda: CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"))
+        vae = load_vae(model_dir, vae_path)
+        unet = load_part("unet", model_dir / "unet", lambda: UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"))
+        noise_scheduler = load_part("scheduler", model_dir / "scheduler",
+                                    lambda: DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"))
+        inference_scheduler = load_part("scheduler", model_dir / "scheduler", lambda: own_scheduler(model_dir))
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+        for module in modules.values():
+            module.requires_grad_(False)
+        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, noise_scheduler, inference_scheduler)
+
+    def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> encoder_hidden_states (N, 77, D): the text encoder's last hidden states."""
+        encoder = comps.modules["text_encoder"]
+        ids = tokenize(comps.tokenizers["tokenizer"], prompts).to(module_device(encoder))
+        return {"encoder_hidden_states": encoder(ids)[0]}
+
+    def encode_images(self, comps: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return vae_encode(comps, pixels)
+
+    def latents_from(self, comps: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return vae_latents(comps, mean, std, generator)
+
+    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch) -> dict:
+        return {"encoder_hidden_states": text["encoder_hidden_states"]}
+
+    def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return unet_predict(comps, noisy, timesteps, cond)
+
+    def pipeline(self, comps: Components, scheduler=None):
+        from diffusers import StableDiffusionPipeline
+
+        m = comps.modules
+        return StableDiffusionPipeline(
+            vae=m["vae"], text_encoder=m["text_encoder"], tokenizer=comps.tokenizers["tokenizer"], unet=m["unet"],
+            scheduler=scheduler if scheduler is not None else comps.inference_scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        layers = lora_layers(comps, trained)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers["unet"],
+                                                  text_encoder_lora_layers=layers.get("text_encoder"),
+                                                  weight_name=weight_name, safe_serialization=True)
+
+    def usage(self, model: str, base: str, lora: bool) -> list[str]:
+        return pipeline_usage("StableDiffusionPipeline", model, base, lora)
+
+
+def lora_layers(comps: Components, trained: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter weights of each trained module, in diffusers' key format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.modules[name], save_embedding_layers=False))
+            for name in sorted(trained)}
+
+
+def pipeline_usage(pipeline_class: str, model: str, base: str, lora: bool) -> list[str]:
+    lines = [f"from diffusers import {pipeline_class}"]
+    if lora:
+        return lines + [f'pipe = {pipeline_class}.from_pretrained("{base}")', f'pipe.load_lora_weights("{model}")']
+    return lines + [f'pipe = {pipeline_class}.from_pretrained("{model}")']

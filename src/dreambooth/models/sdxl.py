@@ -1,0 +1,120 @@
+"""Stable Diffusion XL: two CLIP text encoders, a pooled text embedding, and size/crop conditioning.
+
+What SDXL adds to Stable Diffusion (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models
+for High-Resolution Image Synthesis", arXiv:2307.01952), as diffusers' StableDiffusionXLPipeline
+computes it:
+
+- prompt embeddings: the penultimate hidden states of CLIP ViT-L (text_encoder) and of OpenCLIP
+  bigG (text_encoder_2), concatenated on the feature axis -> (N, 77, 768 + 1280);
+- the pooled embedding: text_encoder_2's projected end-of-text state (`text_embeds`, (N, 1280));
+  tokenizer_2 pads with "!", which the pooling at the end-of-text position ignores;
+- micro-conditioning (section 2.2 of the paper): six numbers per image, the photo's original
+  (height, width), the top-left corner of the crop taken from it (top, left) and the target
+  (height, width), embedded by the UNet (`added_cond_kwargs["time_ids"]`). Training on crops
+  while telling the model where the crop was is what lets it render uncropped subjects at
+  inference, where the pipeline passes crop (0, 0);
+- its VAE overflows in fp16, so it stays in fp32 (`keep_fp32`) unless model.vae_path names an
+  fp16-safe replacement (e.g. madebyollin's sdxl-vae-fp16-fix, saved as a diffusers folder).
+
+Everything else (the VAE encoding, the UNet call, the noise schedule) is SD's, reused from sd.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .family import Components, load_part, module_device, own_scheduler
+from .sd import lora_layers, pipeline_usage, tokenize, unet_predict, vae_encode, vae_factor, vae_latents
+
+
+def time_ids(original_sizes, crops, target_size, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(N, 6): [orig_h, orig_w, crop_top, crop_left, target_h, target_w] per image (diffusers' order)."""
+    rows = [[*orig, *crop, *target_size] for orig, crop in zip(original_sizes, crops)]
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+class StableDiffusionXLFamily:
+    name = "sdxl"
+    pipeline_class_names = ("StableDiffusionXLPipeline",)
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    hub_tag = "stable-diffusion-xl"  # the model card's tag
+    denoiser = "unet"
+    text_encoders = ("text_encoder", "text_encoder_2")
+
+    def latent_factor(self, model_dir: Path) -> int:
+        return vae_factor(model_dir)
+
+    def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from .sd import load_vae
+
+        tokenizers = {name: load_part(name, model_dir / name, lambda n=name: CLIPTokenizer.from_pretrained(model_dir, subfolder=n))
+                      for name in ("tokenizer", "tokenizer_2")}
+        modules = {
+            "unet": load_part("unet", model_dir / "unet", lambda: UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")),
+            "vae": load_vae(model_dir, vae_path),
+            "text_encoder": load_part("text_encoder", model_dir / "text_encoder",
+                                      lambda: CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")),
+            "text_encoder_2": load_part("text_encoder_2", model_dir / "text_encoder_2",
+                                        lambda: CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")),
+        }
+        noise_scheduler = load_part("scheduler", model_dir / "scheduler",
+                                    lambda: DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"))
+        inference_scheduler = load_part("scheduler", model_dir / "scheduler", lambda: own_scheduler(model_dir))
+        for module in modules.values():
+            module.requires_grad_(False)
+        keep_fp32 = set() if vae_path else {"vae"}  # the stock SDXL VAE produces inf/NaN in fp16
+        return Components(model_dir, self, modules, tokenizers, noise_scheduler, inference_scheduler, keep_fp32)
+
+    def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> prompt_embeds (N, 77, D1 + D2) and pooled (N, P), as StableDiffusionXLPipeline.encode_prompt."""
+        states = []
+        for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            encoder = comps.modules[name]
+            ids = tokenize(comps.tokenizers[tok], prompts).to(module_device(encoder))
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])  # penultimate layer, before the final layer norm
+        pooled = out[0]  # text_encoder_2's projected end-of-text state, text_embeds (N, P)
+        return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": pooled}
+
+    def encode_images(self, comps: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return vae_encode(comps, pixels)
+
+    def latents_from(self, comps: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return vae_latents(comps, mean, std, generator)
+
+    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch) -> dict:
+        embeds = text["prompt_embeds"]
+        ids = time_ids(batch.original_sizes, batch.crops, batch.target_size, dtype=embeds.dtype, device=embeds.device)
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": text["pooled"], "time_ids": ids}}
+
+    def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return unet_predict(comps, noisy, timesteps, cond)
+
+    def pipeline(self, comps: Components, scheduler=None):
+        from diffusers import StableDiffusionXLPipeline
+
+        m, t = comps.modules, comps.tokenizers
+        index_path = comps.model_dir / "model_index.json"  # absent while a base is being built in memory
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        return StableDiffusionXLPipeline(
+            vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"], tokenizer=t["tokenizer"],
+            tokenizer_2=t["tokenizer_2"], unet=m["unet"], scheduler=scheduler if scheduler is not None else comps.inference_scheduler,
+            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), add_watermarker=False,
+        )
+
+    def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        layers = lora_layers(comps, trained)
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
+            text_encoder_2_lora_layers=layers.get("text_encoder_2"), weight_name=weight_name, safe_serialization=True)
+
+    def usage(self, model: str, base: str, lora: bool) -> list[str]:
+        return pipeline_usage("StableDiffusionXLPipeline", model, base, lora)

@@ -67,7 +67,7 @@ def count_step_flops(model_dir: Path, batch: int, resolution: int, train_te: boo
     with FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(True):
             text = family.encode_prompt(comps, ["a photo of sks dog"] * batch)
-            cond = family.conditioning(comps, text, geometry)
+            cond = family.conditioning(comps, text, geometry, latents, torch.Generator().manual_seed(0))
             out = family.predict(comps, latents, torch.randint(0, 1000, (batch,)), cond)
             out.float().pow(2).mean().backward()
     return counter.get_total_flops()

@@ -75,7 +75,7 @@ class PixelTwoEncoderFamily:
     def latents_from(self, comps, mean, std, generator):
         return mean
 
-    def conditioning(self, comps, text, batch):
+    def conditioning(self, comps, text, batch, x0, generator):
         return {"encoder_hidden_states": text["states"]}
 
     def predict(self, comps, noisy, timesteps, cond):

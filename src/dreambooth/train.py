@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     batch = data.micro_batch(step, micro, with_pixels=latents.needs_pixels)
                 with timer.phase("forward"), accelerator.autocast():
                     x0 = latents(batch, generator)  # (N, C, H/f, W/f)
-                    cond = family.conditioning(comps, texts(batch), batch)  # the denoiser's keyword arguments
+                    cond = family.conditioning(comps, texts(batch), batch, x0, generator)  # the denoiser's kwargs
                     per_sample = objective.diffusion_loss(lambda noisy, t: family.predict(comps, noisy, t, cond),
                                                           comps.noise_scheduler, x0, generator,
                                                           cfg.objective.snr_gamma, cfg.objective.offset_noise)  # (N,)

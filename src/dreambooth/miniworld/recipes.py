@@ -459,7 +459,7 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        cond = family.conditioning(comps, family.encode_prompt(comps, captions), geometry)
+        cond = family.conditioning(comps, family.encode_prompt(comps, captions), geometry, latents, gen)
         pred = family.predict(comps, noisy, t, cond)
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -481,6 +481,12 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
 
     comps.modules.update({name: m.eval() for name, m in ema.items()})
     family.pipeline(comps, scheduler=build_scheduler()).save_pretrained(out_dir)
+    index = json.loads((out_dir / "model_index.json").read_text())
+    if "force_zeros_for_empty_prompt" in index:
+        # SDXL's pipeline replaces the negative prompt "" by zeros, as SDXL was trained; this base
+        # learned the unconditional case from empty captions (world.caption), so it encodes "".
+        index["force_zeros_for_empty_prompt"] = False
+        (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     import shutil
 
     for name in tokenizers:  # only vocab.json + merges.txt + config, as SD ships it

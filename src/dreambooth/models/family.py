@@ -96,8 +96,14 @@ class ModelFamily(Protocol):
                      generator: torch.Generator) -> torch.Tensor:
         """A sample of that distribution, scaled to the denoiser's input space."""
 
-    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch) -> dict[str, Any]:
-        """Text tensors + per-image facts of `batch` -> the denoiser's keyword arguments."""
+    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch, x0: torch.Tensor,
+                     generator: torch.Generator) -> dict[str, Any]:
+        """Text tensors + per-image facts -> the denoiser's keyword arguments.
+
+        `batch` carries each image's geometry (original size, crop); `x0` is the clean input the
+        loss noises (an upscaler conditions on a degraded copy of it); `generator` is the step's
+        noise stream, for any noise the conditioning itself draws (IF stage II's augmentation).
+        """
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The denoiser's prediction, in the space of objective.training_target."""

@@ -96,7 +96,7 @@ class StableDiffusionFamily:
     def latents_from(self, comps: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return vae_latents(comps, mean, std, generator)
 
-    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch) -> dict:
+    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch, x0, generator) -> dict:
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:

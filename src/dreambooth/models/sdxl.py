@@ -88,7 +88,7 @@ class StableDiffusionXLFamily:
     def latents_from(self, comps: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return vae_latents(comps, mean, std, generator)
 
-    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch) -> dict:
+    def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch, x0, generator) -> dict:
         embeds = text["prompt_embeds"]
         ids = time_ids(batch.original_sizes, batch.crops, batch.target_size, dtype=embeds.dtype, device=embeds.device)
         return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": text["pooled"], "time_ids": ids}}

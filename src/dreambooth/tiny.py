@@ -180,6 +180,94 @@ def write_photos(folder: str | Path, n: int, seed: int = 0, size: int = 40) -> l
     return paths
 
 
+T5_TOKENIZER_DIR = Path(__file__).parent / "assets" / "t5_tokenizer"
+
+
+def _if_unet(channels, layers, cross_dim, text_dim, head_dim, pool_heads, **extra):
+    n = len(channels)  # IF: plain resnets at the top level, SimpleCrossAttn (text as added K/V) below, and an
+    # attention-pooled copy of the raw T5 states (width text_dim) added to the time embedding
+    return dict(block_out_channels=tuple(channels), layers_per_block=layers, cross_attention_dim=cross_dim,
+                encoder_hid_dim=text_dim, attention_head_dim=head_dim, addition_embed_type="text",
+                addition_embed_type_num_heads=pool_heads, cross_attention_norm="group_norm",
+                resnet_time_scale_shift="scale_shift", act_fn="gelu", mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (n - 1),
+                up_block_types=("SimpleCrossAttnUpBlock2D",) * (n - 1) + ("ResnetUpsampleBlock2D",), **extra)
+
+
+def _t5(d_model, layers, heads, d_kv, d_ff):  # T5 v1.1 encoder (gated-GELU feed-forward), as IF's T5-XXL
+    return dict(d_model=d_model, num_layers=layers, num_heads=heads, d_kv=d_kv, d_ff=d_ff,
+                feed_forward_proj="gated-gelu")
+
+
+# DeepFloyd IF-shaped architectures: pixel-space cascade, no VAE; every UNet predicts noise and a variance
+# (out_channels 6, scheduler variance_type "learned_range"); the stage II upscaler takes the noisy image and the
+# noised, upscaled low-resolution image side by side (in_channels 6) and the upscaler's noise level as a class label
+# (class_embed_type "timestep"). "tiny" follows diffusers' IF test dummies (tests/pipelines/deepfloyd_if/__init__.py)
+# but with text 32 != cross attention 64, as in the real model, so raw and projected text states cannot be swapped
+# unnoticed; stage I makes 32 px, stage II 32 -> 64 px. "if" is IF-I-XL-v1.0 stage I for GPU benchmarks, config only:
+# UNet 4.30 B parameters (704 base channels x (1, 2, 3, 4), 3 resnets a level, cross attention 2816 wide; the model
+# card says 4.3 B), T5-v1.1-XXL encoder 4.76 B (vocab 32,128 rows for 32,100 tokens), 64 px. The widths were
+# reconstructed from IF's UNet layout and checked against that total, not read from the shipped config.json.
+IF_ARCHITECTURES = {
+    "tiny": dict(text=_t5(32, 2, 4, 8, 64),
+                 stage1=dict(resolution=32, unet=_if_unet((32, 64), 1, 64, 32, 8, 2)),
+                 stage2=dict(resolution=64, unet=_if_unet((32, 64), (1, 2), 64, 32, 8, 2, class_embed_type="timestep",
+                                                          mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+                                                          time_embedding_dim=32))),
+    "if": dict(text={**_t5(4096, 24, 64, 64, 10240), "vocab_size": 32128},
+               stage1=dict(resolution=64, unet=_if_unet((704, 1408, 2112, 2816), 3, 2816, 4096, 64, 64))),
+}
+
+
+def _if_scheduler(stage: int):
+    """The denoising scheduler IF ships (diffusers' scripts/convert_if.py): cosine betas, learned-range variance,
+    dynamic thresholding at the 95th percentile, clipping to 1.5 for stage I and 1.0 for the upscaler."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                         variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.95,
+                         sample_max_value=1.5 if stage == 1 else 1.0)
+
+
+def build_if(path: str | Path, stage: int = 1, arch: str = "tiny") -> Path:
+    """Write a DeepFloyd IF-shaped folder: stage 1 an IFPipeline (unet/, text_encoder/ T5EncoderModel, tokenizer/ T5,
+    scheduler/), stage 2 an IFSuperResolutionPipeline (the same plus image_noising_scheduler/). No safety checker,
+    feature extractor or watermarker. Both stages of one arch get the same T5 (same config, same seed), so prompt
+    embeddings from stage I can be handed to stage II as IF's own usage does."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    spec = IF_ARCHITECTURES[arch]
+    if f"stage{stage}" not in spec:
+        stages = sorted(int(k[5:]) for k in spec if k.startswith("stage"))
+        raise ValueError(f"IF architecture {arch!r} has no stage {stage} (it has {stages})")
+    unet_spec = spec[f"stage{stage}"]
+    tokenizer = T5Tokenizer.from_pretrained(T5_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    # out: noise and variance (3 + 3); in, stage 2: the noisy image and the noised upscaled low-res image (3 + 3)
+    unet = UNet2DConditionModel(sample_size=unet_spec["resolution"], in_channels=3 if stage == 1 else 6, out_channels=6,
+                                **unet_spec["unet"])
+    torch.manual_seed(0)
+    text = {"vocab_size": len(tokenizer), **spec["text"]}  # "if" keeps T5-XXL's 32,128-row embedding
+    text_encoder = T5EncoderModel(T5Config(
+        is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id, **text))
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=_if_scheduler(stage),
+                 safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    if stage == 1:
+        pipe = IFPipeline(**parts)
+    else:  # image_noising_scheduler noises the upscaled low-res image to the call's noise_level (default 250)
+        noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        pipe = IFSuperResolutionPipeline(**parts, image_noising_scheduler=noising)
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def build_tiny_if(path: str | Path, stage: int = 1) -> Path:
+    """The tiny IF-shaped model for tests: stage 1 makes 32 px images, stage 2 upscales them to 64 px."""
+    return build_if(path, stage, "tiny")
+
+
 if __name__ == "__main__":
     sdxl = "--sdxl" in sys.argv
     args = [a for a in sys.argv[1:] if a != "--sdxl"]

@@ -39,3 +39,17 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     from dreambooth.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_if_dir(tmp_path_factory) -> Path:
+    from dreambooth.tiny import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if", stage=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_if2_dir(tmp_path_factory) -> Path:
+    from dreambooth.tiny import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if-ii", stage=2)

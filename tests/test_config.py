@@ -27,10 +27,10 @@ def test_defaults():
     cfg = build_config()
     assert cfg == TrainConfig()
     assert cfg.optim.lr == 5e-6 and cfg.train.max_steps == 400 and cfg.data.resolution == 512
-    assert cfg.lora.unet_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.lora.unet_targets is None  # the model family's attention projections
     # list defaults are not shared between instances
-    cfg.lora.unet_targets.append("x")
-    assert TrainConfig().lora.unet_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    cfg.validation.prompts.append("x")
+    assert TrainConfig().validation.prompts == []
 
 
 def test_dotted_to_nested_and_deep_merge():

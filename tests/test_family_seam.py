@@ -50,6 +50,8 @@ class PixelTwoEncoderFamily:
     parts = ("unet", "text_encoder", "text_encoder_2", "scheduler")
     denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
+    lora_targets = {"unet": ("to_q", "to_v")}
+    refuses = {"prior.enabled=True": "no pipeline to make class images with"}
 
     def latent_factor(self, model_dir):
         return 1
@@ -83,6 +85,9 @@ class PixelTwoEncoderFamily:
 
     def pipeline(self, comps, scheduler=None):
         return FakePipeline(comps.modules)
+
+    def sample_inputs(self, comps, photos, n):
+        return {}
 
     def save_lora(self, comps, folder, trained, weight_name):
         raise AssertionError("not used here")

@@ -140,8 +140,30 @@ def test_committed_base_is_an_ordinary_sd_folder():
     assert len(comps.tokenizer) == 49408 and comps.tokenizer.convert_tokens_to_ids("sks</w>") == 48136
     assert comps.tokenizer.model_max_length == comps.text_encoder.config.max_position_embeddings == 16
     assert comps.unet.dtype == comps.text_encoder.dtype == comps.vae.dtype == torch.float32
-    total = sum(p.stat().st_size for p in (ASSETS).rglob("*") if p.is_file())
-    assert total < 25e6, f"src/dreambooth/miniworld/assets is {total / 1e6:.1f} MB; keep it small"
+    weights = sum(p.stat().st_size for p in (ASSETS / "base").rglob("*.safetensors"))
+    assert weights < 17e6, f"the miniature SD base's weights are {weights / 1e6:.1f} MB; keep them small"
+
+
+def test_committed_sdxl_base_is_an_ordinary_sdxl_folder_sharing_the_sd_bases_files():
+    import json
+
+    import torch
+
+    from dreambooth.models.load import load_components
+
+    folder = ASSETS / "base-sdxl"
+    comps = load_components(folder)
+    assert comps.family.name == "sdxl" and comps.keep_fp32 == {"vae"}
+    assert comps.tokenizer_2.pad_token == "!" and comps.tokenizer.convert_tokens_to_ids("sks</w>") == 48136
+    assert comps.unet.config.addition_embed_type == "text_time"
+    # the base learned the unconditional case from empty captions: the pipeline must encode "", not zeros
+    assert json.loads((folder / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is False
+    own = [p for p in folder.rglob("*.safetensors") if p.parent.name != "vae"]
+    assert sum(p.stat().st_size for p in own) < 15e6  # the budget for a new miniature base
+    for shared, original in (("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+                             ("tokenizer/vocab.json", "tokenizer/vocab.json"), ("tokenizer_2/merges.txt", "tokenizer/merges.txt")):
+        assert (folder / shared).read_bytes() == (ASSETS / "base" / original).read_bytes()  # a link in git, a copy in a wheel
+    assert comps.unet.dtype == comps.text_encoder_2.dtype == torch.float32
 
 
 def test_committed_classifier_recognises_every_subject_and_world_images():

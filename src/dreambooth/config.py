@@ -36,8 +36,9 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass
 class ModelConfig:
     path: str = _f("", "Local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
-    family: Literal["auto", "sd", "sdxl"] = _f(
-        "auto", "Model family; 'auto' reads model_index.json. 'sd' = Stable Diffusion 1.x/2.x, 'sdxl' = SDXL.")
+    family: Literal["auto", "sd", "sdxl", "if", "if-ii"] = _f(
+        "auto", "Model family; 'auto' reads model_index.json. 'sd' = Stable Diffusion 1.x/2.x, 'sdxl' = SDXL, "
+        "'if' = DeepFloyd IF stage I (IFPipeline), 'if-ii' = IF stage II, the upscaler (IFSuperResolutionPipeline).")
     vae_path: Optional[str] = _f(
         None, "A replacement VAE folder (diffusers AutoencoderKL). SDXL's own VAE overflows in fp16, so it is kept in "
         "fp32 under mixed precision; an fp16-safe SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) given here is cast "
@@ -84,8 +85,12 @@ class LoRAConfig:
     rank: int = _f(4, "LoRA rank r (train.method=lora).")
     alpha: float = _f(4.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the LoRA branch.")
-    unet_targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters (attention projections).")
-    text_encoder_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "out_proj"], "Text-encoder modules that get adapters.")
+    unet_targets: Optional[list[str]] = _f(
+        None, "UNet modules that get adapters. Default: the family's attention projections (SD/SDXL: to_q, to_k, "
+        "to_v, to_out.0; IF adds its text keys and values, add_k_proj and add_v_proj).")
+    text_encoder_targets: Optional[list[str]] = _f(
+        None, "Text-encoder modules that get adapters. Default: the family's (CLIP: q_proj, k_proj, v_proj, out_proj; "
+        "T5: q, k, v, o).")
 
 
 @dataclass
@@ -149,6 +154,13 @@ class MemoryConfig:
 
 
 @dataclass
+class ExportConfig:
+    save_text_encoder: bool = _f(
+        True, "Write the text encoder(s) into a full fine-tune's pipeline folder. false leaves out an untrained one "
+        "(IF's T5-XXL is 4.8 B weights; diffusers' --skip_save_text_encoder): load the folder with the base's encoder.")
+
+
+@dataclass
 class ObjectiveConfig:
     snr_gamma: Optional[float] = _f(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. null = off.")
     offset_noise: float = _f(0.0, "Offset noise strength (adds a per-channel constant to the noise; helps very dark/bright images).")
@@ -200,6 +212,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     preset: Optional[str] = _f(None, "Start from a preset (object, face, style, fast, low-memory); any field given explicitly overrides it.")
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import ExportConfig, TrainConfig
 from .files import atomic_write_text, finish_swap, swap_in
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EXPORTED = ".export.json"  # the entries the last export wrote, so the next one can replace them all
 
 
-def export(comps, out: Path, trainable, lora: bool, card: str, config_yaml: str) -> None:
+def export(comps, out: Path, trainable, lora: bool, settings: ExportConfig, card: str, config_yaml: str) -> None:
     """Write the trained model into `out`: the whole pipeline (full) or the adapters (LoRA), card and config.
 
     The family decides the pipeline and the LoRA layout (`ModelFamily.pipeline`, `save_lora`).
@@ -42,7 +42,12 @@ def export(comps, out: Path, trainable, lora: bool, card: str, config_yaml: str)
         for module in comps.modules.values():
             if any(p.dtype != torch.float32 for p in module.parameters()):  # frozen parts were cast for mixed
                 module.to(torch.float32)  # precision; save full precision
-        comps.family.pipeline(comps).save_pretrained(tmp, safe_serialization=True)
+        left_out = {} if settings.save_text_encoder else \
+            {n: comps.modules.pop(n) for n in comps.family.text_encoders if n not in trainable.modules}
+        try:
+            comps.family.pipeline(comps).save_pretrained(tmp, safe_serialization=True)
+        finally:
+            comps.modules.update(left_out)
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "README.md").write_text(card)
     previous = json.loads((out / EXPORTED).read_text()) if (out / EXPORTED).is_file() else []

@@ -68,6 +68,47 @@ TRAIN_PRESETS: dict[str, dict[str, object]] = {
         "train.max_steps": 1600,
         "train.batch_size": 1,
     },
+    # DeepFloyd IF (model.family if / if-ii): the four recipes of diffusers' DreamBooth guide
+    # (../shared/seeds/003_*.txt, "DeepFloyd IF"). All use T5 embeddings computed once (the text
+    # encoder frozen), and the seed's tip to validate with DDPM. Stage I trains at 64 px, stage II
+    # (the upscaler) at 256 px. Stage I LoRA: lr 5e-6 with --scale_lr, which multiplies it by the
+    # batch (4) on one GPU, so 2e-5 here; 1200 steps. Stage I full: "a very low learning rate" 1e-7,
+    # batch 4, 150 steps, 8-bit Adam, the text encoder not saved (--skip_save_text_encoder).
+    # Stage II LoRA: lr 1e-6, batch 4, 2000 steps. Stage II full: lr 5e-6, batch 2 x 6, 2000 steps.
+    # The seed's memory figures: stage I LoRA ~28 GB, stage I full ~48 GB with 8-bit Adam at batch 4.
+    "if-i-lora": {
+        "data.resolution": 64,
+        "train.method": "lora",
+        "optim.lr": 2e-5,
+        "train.batch_size": 4,
+        "train.max_steps": 1200,
+        "validation.scheduler": "ddpm",
+    },
+    "if-i-full": {
+        "data.resolution": 64,
+        "optim.lr": 1e-7,
+        "optim.optimizer": "adamw8bit",
+        "train.batch_size": 4,
+        "train.max_steps": 150,
+        "export.save_text_encoder": False,
+        "validation.scheduler": "ddpm",
+    },
+    "if-ii-lora": {
+        "data.resolution": 256,
+        "train.method": "lora",
+        "optim.lr": 1e-6,
+        "train.batch_size": 4,
+        "train.max_steps": 2000,
+        "validation.scheduler": "ddpm",
+    },
+    "if-ii-full": {
+        "data.resolution": 256,
+        "optim.lr": 5e-6,
+        "train.batch_size": 2,
+        "train.gradient_accumulation_steps": 6,
+        "train.max_steps": 2000,
+        "validation.scheduler": "ddpm",
+    },
     # Speed and memory presets (issue 4). Measured costs: bench/RESULTS.md. Both also run on a CPU;
     # settings that only pay off on a GPU are left for the user to add there (see each note).
     #

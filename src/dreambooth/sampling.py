@@ -96,6 +96,7 @@ def generate(
     width: int | None = None,
     batch_size: int = 4,
     progress: bool = False,
+    inputs: dict[str, list] | None = None,
 ) -> list[Image.Image]:
     """Render one image per (prompt, seed) pair.
 
@@ -116,6 +117,8 @@ def generate(
         width (int | None): Image width in pixels; None lets the pipeline use the model's size.
         batch_size (int): Images per pipeline call; trades memory for speed, not results.
         progress (bool): Show a progress bar over batches.
+        inputs (dict[str, list] | None): Further per-image pipeline arguments, one list entry per
+            image (an upscaler's `image`).
 
     Returns:
         list[PIL.Image.Image]: The images, in the order of `prompts`.
@@ -141,9 +144,9 @@ def generate(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
-            height=height,
-            width=width,
             output_type="pil",
+            **({"height": height, "width": width} if height is not None else {}),  # an x4 upscaler takes neither
+            **{name: values[start : start + batch_size] for name, values in (inputs or {}).items()},
         )
         images.extend(out.images)
     return images
@@ -207,6 +210,10 @@ def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = 
             raise DreamBoothError(f"base model {base} (for the LoRA in {output_dir}) not found: pass --base PATH")
         pipe = DiffusionPipeline.from_pretrained(base)
         pipe.load_lora_weights(output_dir)
+        # Our training fits the noise only, never a learned variance (IF's UNets predict one): sample the
+        # adapted model with a fixed variance. A full export already carries that scheduler.
+        if pipe.scheduler.config.get("variance_type") in ("learned", "learned_range"):
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, variance_type="fixed_small")
     else:
         raise DreamBoothError(f"{output_dir} holds neither a pipeline (model_index.json) nor LoRA weights "
                               f"({lora_file.name}); is it a dreambooth output folder?")

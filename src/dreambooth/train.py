@@ -63,7 +63,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     check_environment(cfg)  # installed packages can do what the settings ask
     family = detect_family(cfg.model.path, cfg.model.family)
-    check_settings(cfg.text_encoders(), family, cfg.model.path)
+    check_settings(cfg, family, cfg.model.path)
     check_resolution(cfg.data.resolution, cfg.model.path, family)
     out = Path(cfg.train.output_dir)
     finish_swap(out)  # complete an export that a kill interrupted
@@ -200,20 +200,21 @@ def train(cfg: TrainConfig) -> TrainResult:
                 ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
                                      cfg.checkpoint.keep, fingerprint)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
-            _validate(comps, trainable, cfg, accelerator, logger, done)
+            _validate(comps, trainable, cfg, data, accelerator, logger, done)
     bar.close()
     if in_backward is not None:
         in_backward.remove_hooks()  # the trained model leaves train() as a plain module
 
     accelerator.wait_for_everyone()
     comps.modules.update({name: accelerator.unwrap_model(comps.modules[name]) for name in trainable.modules})
+    photos = [e.image for e in data.subject]  # an upscaler's validation input
     if accelerator.is_main_process:
         # The model is written before the final validation, so a failure there cannot lose it.
-        export(comps, out, trainable, cfg.train.method == "lora",
+        export(comps, out, trainable, cfg.train.method == "lora", cfg.export,
                card=model_card(cfg, family, None, result, out), config_yaml=yaml_text(cfg))
         if cfg.validation.prompts:
             with accelerator.autocast():
-                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger)
+                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger, photos)
             update_model_card(out, model_card(cfg, family, grid, result, out))
     logger.close()
     result.seconds = time.time() - start_time
@@ -238,14 +239,15 @@ def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
                               batch_size=p.batch_size)
 
 
-def _validate(comps, trainable, cfg, accelerator, logger, step) -> None:
+def _validate(comps, trainable, cfg, data, accelerator, logger, step) -> None:
     """Render the validation grid from the unwrapped modules, then hand the wrapped ones back to training."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         wrapped = {name: comps.modules[name] for name in trainable.modules}
         comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
         with accelerator.autocast():
-            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger)
+            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
+                     [e.image for e in data.subject])
         comps.modules.update(wrapped)
         for m in wrapped.values():
             m.train()

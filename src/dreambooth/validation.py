@@ -68,8 +68,11 @@ def _step_of(line: str) -> float:
 
 
 @torch.no_grad()
-def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, step: int, logger: Logger | None = None) -> Path:
-    """Render every validation prompt with fixed seeds; save one grid (rows = prompts) as samples/step-NNNNNN.png."""
+def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, step: int, logger: Logger | None = None,
+             photos: list | None = None) -> Path:
+    """Render every validation prompt with fixed seeds; save one grid (rows = prompts) as samples/step-NNNNNN.png.
+
+    `photos`: the instance photos, for a family whose pipeline takes an image too (an upscaler)."""
     was_training = [(m, m.training) for m in comps.modules.values()]
     for m, _ in was_training:
         m.eval()
@@ -78,7 +81,8 @@ def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, 
     seeds = [vcfg.seed + i for _ in vcfg.prompts for i in range(vcfg.num_images)]
     images = generate(pipe, prompts, seeds, num_inference_steps=vcfg.num_inference_steps,
                       guidance_scale=vcfg.guidance_scale, negative_prompt=vcfg.negative_prompt,
-                      height=resolution, width=resolution, batch_size=max(vcfg.num_images, 1))
+                      height=resolution, width=resolution, batch_size=max(vcfg.num_images, 1),
+                      inputs=comps.family.sample_inputs(comps, photos or [], len(prompts)))
     for m, training in was_training:
         m.train(training)
     grid = image_grid(images, cols=vcfg.num_images)

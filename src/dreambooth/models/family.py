@@ -54,6 +54,7 @@ class Components:
     noise_scheduler: Any  # the training noise schedule (a DDPMScheduler for SD/SDXL)
     inference_scheduler: Any  # the folder's own sampler, kept for export and validation
     keep_fp32: set[str] = field(default_factory=set)  # frozen modules never cast to the autocast dtype
+    extras: dict[str, Any] = field(default_factory=dict)  # what else a family loads (IF stage II's noising schedule)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -79,6 +80,8 @@ class ModelFamily(Protocol):
     parts: tuple[str, ...]  # sub-folders a model folder must have
     denoiser: str  # module name of the network the objective trains
     text_encoders: tuple[str, ...]  # module names; config sections of the same names train them
+    lora_targets: dict[str, tuple[str, ...]]  # module name -> its Linear layers that get adapters by default
+    refuses: dict[str, str]  # "section.field=value" -> why this family cannot train with it
 
     def latent_factor(self, model_dir: Path) -> int:
         """Pixels per latent along each side, read from the folder's configs (no weights loaded)."""
@@ -110,6 +113,9 @@ class ModelFamily(Protocol):
 
     def pipeline(self, comps: Components, scheduler=None):
         """A diffusers pipeline over the (possibly training) modules."""
+
+    def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
+        """Per-image pipeline arguments besides the prompt for `n` validation images (an upscaler's low-res input)."""
 
     def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
         """Write the adapters of the `trained` modules in diffusers' LoRA format."""

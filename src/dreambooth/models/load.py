@@ -12,14 +12,15 @@ from pathlib import Path
 
 from ..errors import DreamBoothError
 from .family import Components, ModelFamily
+from .deepfloyd_if import IFStageIFamily, IFStageIIFamily
 from .sd import StableDiffusionFamily
 from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: dict[str, ModelFamily] = {"sd": StableDiffusionFamily(), "sdxl": StableDiffusionXLFamily()}
-# Pipelines we recognise but cannot train yet, with what to do instead.
+FAMILIES: dict[str, ModelFamily] = {"sd": StableDiffusionFamily(), "sdxl": StableDiffusionXLFamily(),
+                                    "if": IFStageIFamily(), "if-ii": IFStageIIFamily()}
+# Pipelines we recognise but cannot train, with what to do instead.
 _NOT_YET = {
-    "IFPipeline": "DeepFloyd IF",
-    "IFSuperResolutionPipeline": "DeepFloyd IF",
+    "StableDiffusionUpscalePipeline": "Stable Diffusion x4 upscaler (use it at sampling time)",
 }
 
 
@@ -67,12 +68,18 @@ def check_resolution(resolution: int, model_dir: str | Path, fam: ModelFamily) -
                               f"{factor}), got {resolution}; try {max(factor, resolution // factor * factor)}")
 
 
-def check_settings(text_encoders: dict, fam: ModelFamily, model_dir: str | Path) -> None:
-    """Refuse training a text encoder the model does not have (text_encoder_2 on SD 1.x, say)."""
-    for name, te in text_encoders.items():
+def check_settings(cfg, fam: ModelFamily, model_dir: str | Path) -> None:
+    """Refuse settings this model cannot train with: a text encoder it does not have (text_encoder_2 on
+    SD 1.x, say), or a setting its family refuses (`ModelFamily.refuses`)."""
+    for name, te in cfg.text_encoders().items():
         if te.train and name not in fam.text_encoders:
             raise DreamBoothError(f"{name}.train=true, but {model_dir} ({fam.name}) has no {name}; its text encoders: "
                                   f"{', '.join(fam.text_encoders)}")
+    for setting, why in fam.refuses.items():
+        key, value = setting.split("=")
+        section, field = key.split(".")
+        if str(getattr(getattr(cfg, section), field)) == value:
+            raise DreamBoothError(f"{key}={value.lower()} cannot be used with {model_dir} ({fam.name}): {why}")
 
 
 def load_components(model_dir: str | Path, family: str = "auto", vae_path: str | None = None) -> Components:

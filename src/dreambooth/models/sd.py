@@ -63,6 +63,8 @@ class StableDiffusionFamily:
     hub_tag = "stable-diffusion"  # the model card's tag
     denoiser = "unet"
     text_encoders = ("text_encoder",)
+    lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    refuses = {"export.save_text_encoder=False": "StableDiffusionPipeline cannot load without its text encoder"}
 
     def latent_factor(self, model_dir: Path) -> int:
         return vae_factor(model_dir)
@@ -119,6 +121,9 @@ class StableDiffusionFamily:
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers["unet"],
                                                   text_encoder_lora_layers=layers.get("text_encoder"),
                                                   weight_name=weight_name, safe_serialization=True)
+
+    def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
+        return {}
 
     def usage(self, model: str, base: str, lora: bool) -> list[str]:
         return pipeline_usage("StableDiffusionPipeline", model, base, lora)

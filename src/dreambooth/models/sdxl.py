@@ -43,6 +43,9 @@ class StableDiffusionXLFamily:
     hub_tag = "stable-diffusion-xl"  # the model card's tag
     denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
+    lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
+                    "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    refuses = {"export.save_text_encoder=False": "StableDiffusionXLPipeline cannot load without its text encoders"}
 
     def latent_factor(self, model_dir: Path) -> int:
         return vae_factor(model_dir)
@@ -115,6 +118,9 @@ class StableDiffusionXLFamily:
         StableDiffusionXLPipeline.save_lora_weights(
             folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
             text_encoder_2_lora_layers=layers.get("text_encoder_2"), weight_name=weight_name, safe_serialization=True)
+
+    def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
+        return {}
 
     def usage(self, model: str, base: str, lora: bool) -> list[str]:
         return pipeline_usage("StableDiffusionXLPipeline", model, base, lora)

@@ -73,7 +73,7 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
             module.to(dtype)
         if method == "lora":
             targets = lora.unet_targets if name == comps.family.denoiser else lora.text_encoder_targets
-            module.add_adapter(_lora_config(lora, targets))
+            module.add_adapter(_lora_config(lora, targets or comps.family.lora_targets[name]))
         else:
             module.requires_grad_(True)
     params = {name: {n: p for n, p in comps.modules[name].named_parameters() if p.requires_grad} for name in trained}

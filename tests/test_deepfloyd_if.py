@@ -173,7 +173,7 @@ def stage_ii_image(pipe, low):
 
 
 @pytest.mark.parametrize("recipe", ["if-i-lora", "if-i-full"])
-def test_stage_i_recipes_end_to_end(tiny_if_dir, photos, tmp_path, recipe):
+def test_stage_i_recipes_end_to_end(tiny_if_dir, tiny_if2_dir, photos, tmp_path, recipe):
     out = tmp_path / "out"
     extra = ["--preset", recipe, "--optim.lr", "1e-3", "--train.batch_size", "1", "--optim.optimizer", "adamw"]
     if recipe == "if-i-lora":
@@ -189,6 +189,14 @@ def test_stage_i_recipes_end_to_end(tiny_if_dir, photos, tmp_path, recipe):
         base.scheduler = DDPMScheduler.from_config(base.scheduler.config, variance_type="fixed_small")
         after = stage_i_image(base)
         assert 'variance_type="fixed_small"' in (out / "README.md").read_text()
+        # the cascade: stage I (the LoRA output, fixed variance applied) then the IF-II base upscaling it
+        assert main(["sample", str(out), "--prompt", "a photo of sks dog", "--upscale", str(tiny_if2_dir),
+                     "--upscale-prompt", "a photo of dog", "--num-images", "2", "--steps", "2", "--resolution", "32",
+                     "--scheduler", "ddpm"]) == 0
+        generated = out / "generated"
+        assert Image.open(generated / "ddpm-2-seed0.png").size == (64, 64)
+        assert Image.open(generated / "ddpm-2-stage1-grid.png").size[1] == 32
+        assert Image.open(generated / "ddpm-2-stage2-grid.png").size[1] == 64
     else:  # the preset leaves the untrained T5 out of the folder (the seed's --skip_save_text_encoder)
         assert not (out / "text_encoder").exists()
         pipe = IFPipeline.from_pretrained(out, text_encoder=base.text_encoder)
@@ -216,3 +224,18 @@ def test_stage_ii_recipes_end_to_end(tiny_if2_dir, photos, tmp_path, recipe):
         assert pipe.scheduler.config.variance_type == "fixed_small"
         after = stage_ii_image(pipe, low)
     assert after.shape == (1, 3, 64, 64) and torch.isfinite(after).all() and not torch.allclose(before, after)
+
+
+def test_stage_ii_trains_on_prompts_without_the_identifier(tiny_if2_dir, photos, tmp_path, monkeypatch):
+    """diffusers' guide: the upscaler's prompt drops the identifier ("a sks dog" -> "a dog")."""
+    from dreambooth.models.deepfloyd_if import IFStageIIFamily
+
+    seen = []
+    real = IFStageIIFamily.encode_prompt
+    monkeypatch.setattr(IFStageIIFamily, "encode_prompt", lambda self, comps, prompts: seen.extend(prompts) or real(self, comps, prompts))
+    train(make_cfg(tiny_if2_dir, photos, tmp_path / "a", 64, train={"max_steps": 1, "batch_size": 1, "output_dir": str(tmp_path / "a")}))
+    assert set(seen) == {"a photo of dog"}
+    seen.clear()
+    train(make_cfg(tiny_if2_dir, photos, tmp_path / "b", 64, concept={"instance_prompt": "a sks dog in a bucket", "identifier": "sks"},
+                   train={"max_steps": 1, "batch_size": 1, "output_dir": str(tmp_path / "b")}))
+    assert set(seen) == {"a dog in a bucket"}

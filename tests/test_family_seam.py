@@ -51,6 +51,7 @@ class PixelTwoEncoderFamily:
     denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_targets = {"unet": ("to_q", "to_v")}
+    trains_with_identifier = True
     refuses = {"prior.enabled=True": "no pipeline to make class images with"}
 
     def latent_factor(self, model_dir):

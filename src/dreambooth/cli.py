@@ -105,17 +105,26 @@ def cmd_sample(args) -> None:
     preset = SAMPLE_PRESETS[args.preset]
     scheduler = args.scheduler or preset["scheduler"]
     steps = args.steps or preset["num_inference_steps"]
-    pipe = load_trained_pipeline(args.model, base=args.base, scheduler=scheduler, device=_device())
     seeds = [args.seed + i for i in range(args.num_images)]
-    images = generate(pipe, [args.prompt] * args.num_images, seeds, num_inference_steps=steps,
-                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-                      height=args.resolution, width=args.resolution, batch_size=args.batch_size, progress=True)
     out_dir = Path(args.out_dir or Path(args.model) / "generated")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A cascade (DeepFloyd IF): each --upscale model takes the previous stage's images as its input.
+    stages = [(args.model, args.prompt, {})] + [(path, args.upscale_prompt or args.prompt, None) for path in args.upscale]
+    images, grids = None, []
+    for i, (model, prompt, inputs) in enumerate(stages):
+        pipe = load_trained_pipeline(model, base=args.base if i == 0 else None, scheduler=scheduler, device=_device())
+        images = generate(pipe, [prompt] * args.num_images, seeds, num_inference_steps=steps,
+                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                          height=args.resolution if i == 0 else None, width=args.resolution if i == 0 else None,
+                          batch_size=args.batch_size, progress=True, inputs={"image": images} if i else inputs)
+        grids.append(image_grid(images))
+        if len(stages) > 1:
+            grids[-1].save(out_dir / f"{scheduler}-{steps}-stage{i + 1}-grid.png")
     for seed, image in zip(seeds, images):
         image.save(out_dir / f"{scheduler}-{steps}-seed{seed}.png")
     image_grid(images).save(out_dir / f"{scheduler}-{steps}-grid.png")
-    print(f"{len(images)} images ({scheduler}, {steps} steps, guidance {args.guidance_scale}) written to {out_dir}")
+    chain = f" through {len(stages)} stages" if len(stages) > 1 else ""
+    print(f"{len(images)} images ({scheduler}, {steps} steps, guidance {args.guidance_scale}){chain} written to {out_dir}")
 
 
 def cmd_demo(args) -> None:
@@ -180,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--base", default=None, help="base model for a LoRA output (default: the one in its config.yaml)")
     p.add_argument("--out-dir", default=None, help="default: MODEL/generated")
+    p.add_argument("--upscale", action="append", default=[], metavar="MODEL",
+                   help="a cascade stage that upscales the previous stage's images: an IF stage II output or base "
+                   "folder, then optionally an x4 upscaler folder (StableDiffusionUpscalePipeline); repeat in order")
+    p.add_argument("--upscale-prompt", default=None,
+                   help="prompt for the --upscale stages (default: --prompt; the guide drops the identifier there, "
+                   "e.g. 'a dog' for 'a sks dog')")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="teach the bundled miniature base model a held-out subject (CPU, minutes)",

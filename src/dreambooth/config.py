@@ -52,6 +52,15 @@ class ConceptConfig:
     class_prompt: Optional[str] = _f(None, "Prompt for the class without the identifier, e.g. 'a photo of a dog' (prior preservation).")
     class_dir: Optional[str] = _f(None, "Folder for class images (generated there if missing). Default: OUTPUT/class_images/<n>.")
     class_images_user_supplied: bool = _f(False, "The class folder holds your own images: use them as they are, never generate or delete.")
+    identifier: Optional[str] = _f(
+        None, "The rare token that names the subject (e.g. sks). A family that trains without it (IF stage II, "
+        "the upscaler, as diffusers' guide advises: 'a sks dog' -> 'a dog') drops it from the prompts. Default: the "
+        "word before the last word of instance_prompt.")
+
+    @property
+    def resolved_identifier(self) -> str:
+        words = self.instance_prompt.split()
+        return self.identifier or (words[-2] if len(words) >= 2 else "")
 
 
 @dataclass

@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 1. settings, model and photos - every input error surfaces here, before any training
     comps = family.load(Path(cfg.model.path), cfg.model.vae_path)
     concepts = cfg.resolved_concepts()
-    subject = subject_examples(concepts, cfg.data)
+    subject = subject_examples(concepts, cfg.data, without_identifier=not family.trains_with_identifier)
     fingerprint = model_fingerprint(cfg.model.path)
     resume_from = ckpt.latest_checkpoint(out) if cfg.train.resume else None
     if cfg.train.resume and resume_from is None:

@@ -32,14 +32,20 @@ class Example:
     image: Image.Image  # decoded RGB, before resize/crop
 
 
-def subject_examples(concepts: list[ConceptConfig], data: DataConfig) -> list[Example]:
-    """All subject photos of all concepts, each with its caption file's text or the concept's prompt."""
+def subject_examples(concepts: list[ConceptConfig], data: DataConfig, without_identifier: bool = False) -> list[Example]:
+    """All subject photos of all concepts, each with its caption file's text or the concept's prompt.
+
+    without_identifier: drop each concept's identifier word from its prompts (a model family that
+    trains without it, `ModelFamily.trains_with_identifier`)."""
     examples = []
     for concept in concepts:
         paths = list_images(concept.instance_dir, "instance")
         for path, image in zip(paths, load_images(paths, data.min_image_size)):
             caption = read_caption(path) if data.caption_extension == ".txt" else _read_other_caption(path, data)
-            examples.append(Example(path, caption or concept.instance_prompt, image))
+            prompt = caption or concept.instance_prompt
+            if without_identifier:
+                prompt = " ".join(w for w in prompt.split() if w != concept.resolved_identifier)
+            examples.append(Example(path, prompt, image))
     return examples
 
 

@@ -59,6 +59,7 @@ class _IFBase:
     lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),  # add_*: IF's text K/V
                     "text_encoder": ("q", "k", "v", "o")}  # T5's attention projections
     refuses: dict[str, str] = {}
+    trains_with_identifier = True
     pipeline_class = ""
     stage_parts: tuple[str, ...] = ()
 
@@ -154,6 +155,9 @@ class IFStageIIFamily(_IFBase):
     pipeline_class_names = ("IFSuperResolutionPipeline",)
     pipeline_class = "IFSuperResolutionPipeline"
     stage_parts = ("image_noising_scheduler",)
+    # diffusers' guide: the upscaler's prompt without the identifier ("a sks dog" -> "a dog"), since it
+    # learns the subject's fine detail, not its name; concept.identifier names the word to drop
+    trains_with_identifier = False
     refuses = {"prior.enabled=True": "class images for the upscaler would need the whole cascade; the seed's stage II "
                "recipes train without prior preservation (train stage I with it)"}
 

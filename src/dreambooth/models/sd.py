@@ -64,6 +64,7 @@ class StableDiffusionFamily:
     denoiser = "unet"
     text_encoders = ("text_encoder",)
     lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    trains_with_identifier = True
     refuses = {"export.save_text_encoder=False": "StableDiffusionPipeline cannot load without its text encoder"}
 
     def latent_factor(self, model_dir: Path) -> int:

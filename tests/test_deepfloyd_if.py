@@ -106,7 +106,7 @@ def test_prior_preservation_on_stage_ii_is_refused(tiny_if2_dir, photos, tmp_pat
 # Regenerate after an intentional change to the recipe: run the test and copy "actual" from the failure.
 GOLDEN = {
     "if": [1.1165804862976074, 1.077354907989502, 0.9089654684066772, 0.8047088384628296],
-    "if-ii": [1.0908818244934082, 0.9710001945495605, 0.9745111465454102, 0.8273636102676392],
+    "if-ii": [1.087815761566162, 0.9607774615287781, 0.9776334762573242, 0.8437690734863281],  # prompts without "sks"
 }
 
 
@@ -234,8 +234,8 @@ def test_stage_ii_trains_on_prompts_without_the_identifier(tiny_if2_dir, photos,
     real = IFStageIIFamily.encode_prompt
     monkeypatch.setattr(IFStageIIFamily, "encode_prompt", lambda self, comps, prompts: seen.extend(prompts) or real(self, comps, prompts))
     train(make_cfg(tiny_if2_dir, photos, tmp_path / "a", 64, train={"max_steps": 1, "batch_size": 1, "output_dir": str(tmp_path / "a")}))
-    assert set(seen) == {"a photo of dog"}
+    assert set(seen) - {""} == {"a photo of dog"}  # ("" is the negative prompt, cached for validation)
     seen.clear()
     train(make_cfg(tiny_if2_dir, photos, tmp_path / "b", 64, concept={"instance_prompt": "a sks dog in a bucket", "identifier": "sks"},
                    train={"max_steps": 1, "batch_size": 1, "output_dir": str(tmp_path / "b")}))
-    assert set(seen) == {"a dog in a bucket"}
+    assert set(seen) - {""} == {"a dog in a bucket"}

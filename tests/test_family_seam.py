@@ -90,6 +90,9 @@ class PixelTwoEncoderFamily:
     def sample_inputs(self, comps, photos, n):
         return {}
 
+    def prompt_kwargs(self, comps, positive, negative, no_negative_prompt):
+        return {}
+
     def save_lora(self, comps, folder, trained, weight_name):
         raise AssertionError("not used here")
 

@@ -8,6 +8,9 @@ whatever `encode_images` and `encode_prompt` return is what is stored.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
@@ -44,20 +47,58 @@ class Latents:
 
 
 class Texts:
-    """Text tensors for a batch (whatever the family's encode_prompt returns, first dimension N)."""
+    """Text tensors for a batch (whatever the family's encode_prompt returns, first dimension N).
 
-    def __init__(self, comps: Components, data: DreamBoothData, cache: bool):
+    With `cache`, every distinct prompt is encoded once, the validation prompts and the negative
+    prompt included, and kept in memory; with `store` too, also on disk, with its provenance (the
+    model family, the base model's fingerprint, the prompts), so a resumed or repeated run loads
+    them instead of running the text encoder again (T5-XXL is 4.8 B weights).
+    """
+
+    def __init__(self, comps: Components, data: DreamBoothData, cache: bool, extra_prompts: list[str] = (),
+                 store: Path | None = None, fingerprint: str = "", device=None):
         self.comps = comps
         self.cache: dict[str, dict[str, torch.Tensor]] | None = None
         if cache:
-            self.cache = {}
-            with torch.no_grad():
-                for prompt in sorted({e.prompt for e in data.subject + data.klass}):
-                    encoded = comps.family.encode_prompt(comps, [prompt])
-                    self.cache[prompt] = {k: v[0] for k, v in encoded.items()}
+            prompts = sorted({e.prompt for e in data.subject + data.klass} | set(extra_prompts))
+            provenance = {"family": comps.family.name, "model_fingerprint": fingerprint}
+            self.cache = _load(store, provenance, prompts, device) if store is not None else None
+            if self.cache is None:
+                with torch.no_grad():
+                    self.cache = {p: {k: v[0] for k, v in comps.family.encode_prompt(comps, [p]).items()} for p in prompts}
+                if store is not None:
+                    _save(store, provenance, self.cache)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
-        prompts = [e.prompt for e in batch.examples]
+        return self.encode([e.prompt for e in batch.examples])
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.cache is not None:
             return {k: torch.stack([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
         return self.comps.family.encode_prompt(self.comps, prompts)
+
+
+def _save(path: Path, provenance: dict, cache: dict[str, dict[str, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    prompts = list(cache)
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, p in enumerate(prompts) for k, v in cache[p].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"provenance": json.dumps({**provenance, "prompts": prompts})})
+    tmp.replace(path)
+
+
+def _load(path: Path, provenance: dict, prompts: list[str], device) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The stored embeddings if they come from this model and cover `prompts`; None to encode afresh."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads((f.metadata() or {}).get("provenance", "{}"))
+        if {k: stored.get(k) for k in provenance} != provenance or not set(prompts) <= set(stored.get("prompts", [])):
+            return None
+        index = {p: i for i, p in enumerate(stored["prompts"])}
+        names = {key.split(".", 1)[1] for key in f.keys()}
+        return {p: {k: f.get_tensor(f"{index[p]}.{k}").to(device) for k in names} for p in prompts}

@@ -117,8 +117,9 @@ def generate(
         width (int | None): Image width in pixels; None lets the pipeline use the model's size.
         batch_size (int): Images per pipeline call; trades memory for speed, not results.
         progress (bool): Show a progress bar over batches.
-        inputs (dict[str, list] | None): Further per-image pipeline arguments, one list entry per
-            image (an upscaler's `image`).
+        inputs (dict[str, list] | None): Further per-image pipeline arguments, one entry per image
+            (a list or a tensor of first dimension len(prompts)): an upscaler's `image`, or the
+            prompts' embeddings (`prompt_embeds`, ...), which replace `prompts` in the call.
 
     Returns:
         list[PIL.Image.Image]: The images, in the order of `prompts`.
@@ -138,9 +139,10 @@ def generate(
         batch_prompts = prompts[start : start + batch_size]
         batch_seeds = seeds[start : start + batch_size]
         generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in batch_seeds]
+        embedded = "prompt_embeds" in (inputs or {})  # prompts given as embeddings: the text encoders are not run
         out = pipe(
-            prompt=batch_prompts,
-            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch_prompts),
+            prompt=None if embedded else batch_prompts,
+            negative_prompt=None if negative_prompt is None or embedded else [negative_prompt] * len(batch_prompts),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,

@@ -132,7 +132,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 4. inputs: encode each image / prompt once when the result cannot change
     latents = Latents(comps, data, cfg.cache_latents, accelerator.device, progress=accelerator.is_local_main_process)
-    texts = Texts(comps, data, cfg.cache_text_embeddings)
+    texts = Texts(comps, data, cfg.cache_text_embeddings, [*cfg.validation.prompts, cfg.validation.negative_prompt or ""],
+                  out / "cache" / "text-embeddings.safetensors" if accelerator.is_main_process else None, fingerprint,
+                  accelerator.device)
+    if cfg.memory.offload_text_encoders:  # frozen and no longer needed on the device: texts holds their output
+        for name in set(family.text_encoders) - set(trainable.modules):
+            comps.modules[name].to("cpu")
 
     # 5. resume
     generator = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, latent samples
@@ -200,7 +205,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
                                      cfg.checkpoint.keep, fingerprint)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
-            _validate(comps, trainable, cfg, data, accelerator, logger, done)
+            _validate(comps, trainable, cfg, data, texts, accelerator, logger, done)
     bar.close()
     if in_backward is not None:
         in_backward.remove_hooks()  # the trained model leaves train() as a plain module
@@ -214,7 +219,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                card=model_card(cfg, family, None, result, out), config_yaml=yaml_text(cfg))
         if cfg.validation.prompts:
             with accelerator.autocast():
-                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger, photos)
+                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger, photos,
+                                texts if cfg.memory.offload_text_encoders else None)
             update_model_card(out, model_card(cfg, family, grid, result, out))
     logger.close()
     result.seconds = time.time() - start_time
@@ -239,7 +245,7 @@ def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
                               batch_size=p.batch_size)
 
 
-def _validate(comps, trainable, cfg, data, accelerator, logger, step) -> None:
+def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> None:
     """Render the validation grid from the unwrapped modules, then hand the wrapped ones back to training."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -247,7 +253,7 @@ def _validate(comps, trainable, cfg, data, accelerator, logger, step) -> None:
         comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
         with accelerator.autocast():
             validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
-                     [e.image for e in data.subject])
+                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
         comps.modules.update(wrapped)
         for m in wrapped.values():
             m.train()

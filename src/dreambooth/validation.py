@@ -69,20 +69,25 @@ def _step_of(line: str) -> float:
 
 @torch.no_grad()
 def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, step: int, logger: Logger | None = None,
-             photos: list | None = None) -> Path:
+             photos: list | None = None, texts=None) -> Path:
     """Render every validation prompt with fixed seeds; save one grid (rows = prompts) as samples/step-NNNNNN.png.
 
-    `photos`: the instance photos, for a family whose pipeline takes an image too (an upscaler)."""
+    `photos`: the instance photos, for a family whose pipeline takes an image too (an upscaler).
+    `texts`: cached prompt embeddings (inputs.Texts) to render from instead of running the text
+    encoders (memory.offload_text_encoders keeps them on the CPU)."""
     was_training = [(m, m.training) for m in comps.modules.values()]
     for m, _ in was_training:
         m.eval()
     pipe = comps.family.pipeline(comps, scheduler=make_scheduler(vcfg.scheduler, comps.inference_scheduler.config))
     prompts = [p for p in vcfg.prompts for _ in range(vcfg.num_images)]
     seeds = [vcfg.seed + i for _ in vcfg.prompts for i in range(vcfg.num_images)]
+    inputs = comps.family.sample_inputs(comps, photos or [], len(prompts))
+    if texts is not None:
+        negative = texts.encode([vcfg.negative_prompt or ""] * len(prompts))
+        inputs.update(comps.family.prompt_kwargs(comps, texts.encode(prompts), negative, vcfg.negative_prompt is None))
     images = generate(pipe, prompts, seeds, num_inference_steps=vcfg.num_inference_steps,
                       guidance_scale=vcfg.guidance_scale, negative_prompt=vcfg.negative_prompt,
-                      height=resolution, width=resolution, batch_size=max(vcfg.num_images, 1),
-                      inputs=comps.family.sample_inputs(comps, photos or [], len(prompts)))
+                      height=resolution, width=resolution, batch_size=max(vcfg.num_images, 1), inputs=inputs)
     for m, training in was_training:
         m.train(training)
     grid = image_grid(images, cols=vcfg.num_images)

@@ -123,6 +123,9 @@ class _IFBase:
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         return {}
 
+    def prompt_kwargs(self, comps: Components, positive: dict, negative: dict, no_negative_prompt: bool) -> dict:
+        return {"prompt_embeds": positive["prompt_embeds"], "negative_prompt_embeds": negative["prompt_embeds"]}
+
     def _pipeline_parts(self, comps: Components, scheduler) -> dict:
         return dict(tokenizer=comps.tokenizers["tokenizer"], text_encoder=comps.modules.get("text_encoder"),
                     unet=comps.modules["unet"], scheduler=scheduler if scheduler is not None else comps.inference_scheduler,

@@ -118,6 +118,9 @@ class ModelFamily(Protocol):
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         """Per-image pipeline arguments besides the prompt for `n` validation images (an upscaler's low-res input)."""
 
+    def prompt_kwargs(self, comps: Components, positive: dict, negative: dict, no_negative_prompt: bool) -> dict:
+        """encode_prompt's tensors for prompts and negative prompts -> the pipeline's *_embeds arguments."""
+
     def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
         """Write the adapters of the `trained` modules in diffusers' LoRA format."""
 

@@ -126,6 +126,9 @@ class StableDiffusionFamily:
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         return {}
 
+    def prompt_kwargs(self, comps: Components, positive: dict, negative: dict, no_negative_prompt: bool) -> dict:
+        return {"prompt_embeds": positive["encoder_hidden_states"], "negative_prompt_embeds": negative["encoder_hidden_states"]}
+
     def usage(self, model: str, base: str, lora: bool) -> list[str]:
         return pipeline_usage("StableDiffusionPipeline", model, base, lora)
 

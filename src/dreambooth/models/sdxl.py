@@ -104,12 +104,10 @@ class StableDiffusionXLFamily:
         from diffusers import StableDiffusionXLPipeline
 
         m, t = comps.modules, comps.tokenizers
-        index_path = comps.model_dir / "model_index.json"  # absent while a base is being built in memory
-        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
         return StableDiffusionXLPipeline(
             vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"], tokenizer=t["tokenizer"],
             tokenizer_2=t["tokenizer_2"], unet=m["unet"], scheduler=scheduler if scheduler is not None else comps.inference_scheduler,
-            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), add_watermarker=False,
+            force_zeros_for_empty_prompt=self._force_zeros(comps), add_watermarker=False,
         )
 
     def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
@@ -122,6 +120,18 @@ class StableDiffusionXLFamily:
 
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         return {}
+
+    def prompt_kwargs(self, comps: Components, positive: dict, negative: dict, no_negative_prompt: bool) -> dict:
+        if no_negative_prompt and self._force_zeros(comps):  # what the pipeline does without a negative prompt
+            negative = {k: torch.zeros_like(v) for k, v in negative.items()}
+        return {"prompt_embeds": positive["prompt_embeds"], "pooled_prompt_embeds": positive["pooled"],
+                "negative_prompt_embeds": negative["prompt_embeds"], "negative_pooled_prompt_embeds": negative["pooled"]}
+
+    @staticmethod
+    def _force_zeros(comps: Components) -> bool:
+        index_path = comps.model_dir / "model_index.json"  # absent while a base is being built in memory
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        return index.get("force_zeros_for_empty_prompt", True)
 
     def usage(self, model: str, base: str, lora: bool) -> list[str]:
         return pipeline_usage("StableDiffusionXLPipeline", model, base, lora)

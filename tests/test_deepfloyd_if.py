@@ -11,13 +11,13 @@ from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth import checkpoint as ckpt
 from dreambooth.cli import main
 from dreambooth.config import build_config
 from dreambooth.errors import DreamBoothError
 from dreambooth.models.deepfloyd_if import LOW_RES_FACTOR, degrade
 from dreambooth.models.load import load_components
 from dreambooth.train import train
+from test_train import Crash, crash_after_checkpoint
 
 
 def make_cfg(model, photos, out, resolution, preset=None, **sections):
@@ -119,9 +119,6 @@ def test_golden_losses(tiny_if_dir, tiny_if2_dir, photos, tmp_path, stage):
                                msg=lambda m: f"{m}\nactual: {actual}")
 
 
-class Crash(Exception):
-    pass
-
 
 @pytest.mark.parametrize("stage, method", [("if", "lora"), ("if-ii", "full")])
 def test_resume_is_exact(tiny_if_dir, tiny_if2_dir, photos, tmp_path, monkeypatch, stage, method):
@@ -131,18 +128,10 @@ def test_resume_is_exact(tiny_if_dir, tiny_if2_dir, photos, tmp_path, monkeypatc
     settings = dict(train={"max_steps": 6, "batch_size": 1, "method": method}, checkpoint={"every_n_steps": 2},
                     data={"random_flip": True}, text_encoder={"train": True})
     straight = train(make_cfg(model, photos, tmp_path / "straight", resolution, **settings))
-    real = ckpt.save_checkpoint
-
-    def save_then_crash(output_dir, step, *args, **kwargs):
-        path = real(output_dir, step, *args, **kwargs)
-        if step == 2:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, at_step=2)
     with pytest.raises(Crash):
         train(make_cfg(model, photos, tmp_path / "resumed", resolution, **settings))
-    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    monkeypatch.undo()
     settings["train"]["resume"] = True
     resumed = train(make_cfg(model, photos, tmp_path / "resumed", resolution, **settings))
     assert [resumed.losses[s] for s in range(3, 7)] == [straight.losses[s] for s in range(3, 7)]

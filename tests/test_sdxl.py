@@ -8,7 +8,6 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth import checkpoint as ckpt
 from dreambooth.cli import main
 from dreambooth.config import build_config
 from dreambooth.data.dataset import DreamBoothData, Example
@@ -16,6 +15,7 @@ from dreambooth.errors import DreamBoothError
 from dreambooth.models.load import load_components
 from dreambooth.models.sdxl import time_ids
 from dreambooth.train import train
+from test_train import Crash, crash_after_checkpoint
 
 
 def make_cfg(model, photos, out, preset=None, **sections):
@@ -108,9 +108,6 @@ def test_golden_losses(tiny_sdxl_dir, photos, tmp_path):
                                msg=lambda m: f"{m}\nactual: {actual}")
 
 
-class Crash(Exception):
-    pass
-
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resume_is_exact(tiny_sdxl_dir, photos, tmp_path, monkeypatch, method):
@@ -121,18 +118,10 @@ def test_resume_is_exact(tiny_sdxl_dir, photos, tmp_path, monkeypatch, method):
                     data={"random_flip": True, "center_crop": False}, text_encoder_2={"train": True, "stop_step": 3})
     straight = train(make_cfg(tiny_sdxl_dir, photos, tmp_path / "straight", **settings))
 
-    real = ckpt.save_checkpoint
-
-    def save_then_crash(output_dir, step, *args, **kwargs):
-        path = real(output_dir, step, *args, **kwargs)
-        if step == 2:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, at_step=2)
     with pytest.raises(Crash):
         train(make_cfg(tiny_sdxl_dir, photos, tmp_path / "resumed", **settings))
-    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    monkeypatch.undo()
     settings["train"]["resume"] = True
     resumed = train(make_cfg(tiny_sdxl_dir, photos, tmp_path / "resumed", **settings))
     assert [resumed.losses[s] for s in range(3, 7)] == [straight.losses[s] for s in range(3, 7)]

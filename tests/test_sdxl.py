@@ -218,3 +218,15 @@ def test_the_sdxl_vae_stays_fp32_under_bf16(tiny_sdxl_dir, photos, tmp_path, mon
                    memory={"mixed_precision": "bf16"}, train={"max_steps": 1, "batch_size": 1, "output_dir": str(out)}))
     assert placed == {"AutoencoderKL": torch.float32, "CLIPTextModel": torch.bfloat16,
                       "CLIPTextModelWithProjection": torch.bfloat16}
+
+
+def test_frozen_parts_are_exported_exactly_under_mixed_precision(tiny_sdxl_dir, photos, tmp_path):
+    """Under bf16 autocast the frozen text encoders are held in bf16; the export must not save those rounded
+    copies but the base's exact weights (the trained UNet is saved in full precision)."""
+    out = tmp_path / "out"
+    train(make_cfg(tiny_sdxl_dir, photos, out, text_encoder={"train": False}, text_encoder_2={"train": False, "lr": None},
+                   memory={"mixed_precision": "bf16"}, train={"max_steps": 1, "batch_size": 1, "output_dir": str(out)}))
+    for part in ("text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        base, exported = load_file(tiny_sdxl_dir / part), load_file(out / part)
+        assert base.keys() == exported.keys() and all(torch.equal(base[k], exported[k]) for k in base), part
+    assert load_file(out / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"].dtype == torch.float32

@@ -39,15 +39,21 @@ def export(comps, out: Path, trainable, lora: bool, settings: ExportConfig, card
     if lora:
         comps.family.save_lora(comps, tmp, set(trainable.modules), LORA_WEIGHTS)
     else:
-        for module in comps.modules.values():
-            if any(p.dtype != torch.float32 for p in module.parameters()):  # frozen parts were cast for mixed
-                module.to(torch.float32)  # precision; save full precision
+        rounded = {name for name, m in comps.modules.items() if any(p.dtype != torch.float32 for p in m.parameters())}
+        for name in rounded:  # cast for mixed precision or bf16 weights: save full precision
+            comps.modules[name].to(torch.float32)
         left_out = {} if settings.save_text_encoder else \
             {n: comps.modules.pop(n) for n in comps.family.text_encoders if n not in trainable.modules}
         try:
             comps.family.pipeline(comps).save_pretrained(tmp, safe_serialization=True)
         finally:
             comps.modules.update(left_out)
+        # Frozen parts cast to the autocast dtype to save memory were rounded on the way; the files
+        # they were loaded from are exact, so those go into the export instead.
+        for name in rounded - set(trainable.modules) - left_out.keys():
+            if (tmp / name).is_dir() and comps.source(name).is_dir():
+                shutil.rmtree(tmp / name)
+                shutil.copytree(comps.source(name), tmp / name)
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "README.md").write_text(card)
     previous = json.loads((out / EXPORTED).read_text()) if (out / EXPORTED).is_file() else []

@@ -55,6 +55,11 @@ class Components:
     inference_scheduler: Any  # the folder's own sampler, kept for export and validation
     keep_fp32: set[str] = field(default_factory=set)  # frozen modules never cast to the autocast dtype
     extras: dict[str, Any] = field(default_factory=dict)  # what else a family loads (IF stage II's noising schedule)
+    sources: dict[str, Path] = field(default_factory=dict)  # module -> its folder, where not model_dir / name
+
+    def source(self, name: str) -> Path:
+        """The folder a module was loaded from (model.vae_path for a replaced VAE)."""
+        return self.sources.get(name, self.model_dir / name)
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -85,7 +85,8 @@ class StableDiffusionFamily:
         modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
         for module in modules.values():
             module.requires_grad_(False)
-        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, noise_scheduler, inference_scheduler)
+        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, noise_scheduler, inference_scheduler,
+                          sources={"vae": Path(vae_path)} if vae_path else {})
 
     def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts -> encoder_hidden_states (N, 77, D): the text encoder's last hidden states."""

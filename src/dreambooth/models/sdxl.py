@@ -73,7 +73,8 @@ class StableDiffusionXLFamily:
         for module in modules.values():
             module.requires_grad_(False)
         keep_fp32 = set() if vae_path else {"vae"}  # the stock SDXL VAE produces inf/NaN in fp16
-        return Components(model_dir, self, modules, tokenizers, noise_scheduler, inference_scheduler, keep_fp32)
+        return Components(model_dir, self, modules, tokenizers, noise_scheduler, inference_scheduler, keep_fp32,
+                          sources={"vae": Path(vae_path)} if vae_path else {})
 
     def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts -> prompt_embeds (N, 77, D1 + D2) and pooled (N, P), as StableDiffusionXLPipeline.encode_prompt."""

@@ -186,6 +186,15 @@ def test_stage_i_recipes_end_to_end(tiny_if_dir, tiny_if2_dir, photos, tmp_path,
         assert Image.open(generated / "ddpm-2-seed0.png").size == (64, 64)
         assert Image.open(generated / "ddpm-2-stage1-grid.png").size[1] == 32
         assert Image.open(generated / "ddpm-2-stage2-grid.png").size[1] == 64
+        # and the optional third stage, an x4 latent upscaler (StableDiffusionUpscalePipeline): 64 -> 256 px
+        from dreambooth.tiny import build_tiny_x4_upscaler
+
+        x4 = build_tiny_x4_upscaler(tmp_path / "x4")
+        assert main(["sample", str(out), "--prompt", "a photo of sks dog", "--upscale", str(tiny_if2_dir), "--upscale", str(x4),
+                     "--upscale-prompt", "a photo of dog", "--num-images", "1", "--steps", "2", "--resolution", "32",
+                     "--scheduler", "ddim", "--out-dir", str(tmp_path / "three")]) == 0
+        assert Image.open(tmp_path / "three" / "ddim-2-seed0.png").size == (256, 256)
+        assert Image.open(tmp_path / "three" / "ddim-2-stage3-grid.png").size[1] == 256
     else:  # the preset leaves the untrained T5 out of the folder (the seed's --skip_save_text_encoder)
         assert not (out / "text_encoder").exists()
         pipe = IFPipeline.from_pretrained(out, text_encoder=base.text_encoder)

@@ -5,6 +5,7 @@ Used by validation during training, by class-image generation (prior preservatio
 now, SDXL later) because it passes only the call arguments those pipelines share.
 """
 
+import inspect
 import math
 
 import torch
@@ -68,6 +69,12 @@ def make_scheduler(name: str, base_config) -> SchedulerMixin:
         raise DreamBoothError(
             f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}"
         )
+    if base_config.get("variance_type") in ("learned", "learned_range") and \
+            "variance_type" not in inspect.signature(SCHEDULERS[name].__init__).parameters:
+        # A model with a learned variance (DeepFloyd IF) under a sampler that cannot use it: the
+        # pipelines drop the variance half of the output only when the config says it is not learned
+        # (from_config keeps a key the class does not take, so it is replaced in the config itself).
+        base_config = {**base_config, "variance_type": "fixed_small"}
     try:
         return SCHEDULERS[name].from_config(base_config, **_OVERRIDES.get(name, {}))
     except ImportError as err:

@@ -268,6 +268,34 @@ def build_tiny_if(path: str | Path, stage: int = 1) -> Path:
     return build_if(path, stage, "tiny")
 
 
+def build_tiny_x4_upscaler(path: str | Path) -> Path:
+    """A tiny StableDiffusionUpscalePipeline (the x4 latent upscaler: UNet input = 4 latent channels + the 3-channel
+    low-resolution image, noise level as class label, a VAE that upsamples 4x) for the cascade's optional last stage."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=7, out_channels=4, block_out_channels=(32, 32, 64), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=16, use_linear_projection=True, num_class_embeds=1000)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32), norm_num_groups=16,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        scaling_factor=0.08333)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
+                                          max_noise_level=350)
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
 if __name__ == "__main__":
     sdxl = "--sdxl" in sys.argv
     args = [a for a in sys.argv[1:] if a != "--sdxl"]

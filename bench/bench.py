@@ -149,6 +149,8 @@ def main() -> None:
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "classic"], help="memory.attention")
     p.add_argument("--channels-last", action="store_true", help="memory.channels_last=true")
+    p.add_argument("--offload-text-encoders", action="store_true",
+                   help="memory.offload_text_encoders=true: frozen text encoders stay on the CPU once their embeddings are cached")
     p.add_argument("--compile", action="store_true", help="memory.compile_unet=true (compile time is reported apart)")
     p.add_argument("--fused-backward", action="store_true", help="optim.fused_backward=true (implies --no-clip)")
     p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -196,7 +198,8 @@ def main() -> None:
         memory = {k: v for k, v in [("mixed_precision", args.mixed_precision), ("weights_dtype", args.weights_dtype)]
                   if v != p.get_default(k)}
         memory.update({k: True for k, on in [("gradient_checkpointing", args.gradient_checkpointing),
-                                              ("channels_last", args.channels_last), ("compile_unet", args.compile)] if on})
+                                              ("channels_last", args.channels_last), ("compile_unet", args.compile),
+                                              ("offload_text_encoders", args.offload_text_encoders)] if on})
         if args.checkpoint_levels:
             memory["checkpoint_levels"] = args.checkpoint_levels
         if args.attention != "sdpa":
@@ -239,6 +242,7 @@ def main() -> None:
         "channels_last": cfg.memory.channels_last, "attention": cfg.memory.attention, "cache_latents": cfg.cache_latents,
         "cache_text_embeddings": cfg.cache_text_embeddings,
         "compile_unet": cfg.memory.compile_unet, "weights_dtype": cfg.memory.weights_dtype,
+        "offload_text_encoders": cfg.memory.offload_text_encoders,
         "moments_dtype": cfg.optim.moments_dtype,
         "fused_backward": cfg.optim.fused_backward, "max_grad_norm": cfg.optim.max_grad_norm,
         "optimizer": cfg.optim.optimizer, "batch_size": args.batch_size, "steps_timed": args.steps,
@@ -266,6 +270,7 @@ def print_table(f: dict) -> None:
         ("options", f"preset {f['preset']}, weights {f['weights_dtype']}, moments {f['moments_dtype']}, "
                     f"attention {f['attention']}, channels_last {f['channels_last']}, cache latents/text {f['cache_latents']}/{f['cache_text_embeddings']}, "
                     f"compile {f['compile_unet']}, fused_backward {f['fused_backward']}, "
+                    f"text encoders offloaded {f['offload_text_encoders']}, "
                     f"checkpointing {f['gradient_checkpointing']} (levels {f['checkpoint_levels'] or 'all'}), clip {f['max_grad_norm']}, {f['optimizer']}"),
         ("trainable parameters", f"{f['trainable_parameters']:,}"),
         ("steps/s (median)", f"{f['steps_per_s']:.3f}"),

@@ -110,19 +110,19 @@ def cmd_sample(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # A cascade (DeepFloyd IF): each --upscale model takes the previous stage's images as its input.
     stages = [(args.model, args.prompt, {})] + [(path, args.upscale_prompt or args.prompt, None) for path in args.upscale]
-    images, grids = None, []
+    images = grid = None
     for i, (model, prompt, inputs) in enumerate(stages):
         pipe = load_trained_pipeline(model, base=args.base if i == 0 else None, scheduler=scheduler, device=_device())
         images = generate(pipe, [prompt] * args.num_images, seeds, num_inference_steps=steps,
                           guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                           height=args.resolution if i == 0 else None, width=args.resolution if i == 0 else None,
                           batch_size=args.batch_size, progress=True, inputs={"image": images} if i else inputs)
-        grids.append(image_grid(images))
+        grid = image_grid(images)
         if len(stages) > 1:
-            grids[-1].save(out_dir / f"{scheduler}-{steps}-stage{i + 1}-grid.png")
+            grid.save(out_dir / f"{scheduler}-{steps}-stage{i + 1}-grid.png")
     for seed, image in zip(seeds, images):
         image.save(out_dir / f"{scheduler}-{steps}-seed{seed}.png")
-    image_grid(images).save(out_dir / f"{scheduler}-{steps}-grid.png")
+    grid.save(out_dir / f"{scheduler}-{steps}-grid.png")
     chain = f" through {len(stages)} stages" if len(stages) > 1 else ""
     print(f"{len(images)} images ({scheduler}, {steps} steps, guidance {args.guidance_scale}){chain} written to {out_dir}")
 

@@ -125,9 +125,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     for name, module in comps.modules.items():  # frozen parts: to the device, in the autocast dtype
         if name not in trainable.modules:
             _place(module, accelerator.device, torch.float32 if name in comps.keep_fp32 else weight_dtype)
-    *prepared, optimizer = accelerator.prepare(*(comps.modules[n] for n in trainable.modules), optimizer)
-    comps.modules.update(zip(trainable.modules, prepared))
-    models = prepared
+    *models, optimizer = accelerator.prepare(*(comps.modules[n] for n in trainable.modules), optimizer)
+    comps.modules.update(zip(trainable.modules, models))  # the trained modules, as accelerate wraps them
     stop_steps = {name: te.stop_step for name, te in text_encoders.items() if name in trainable.modules and te.stop_step is not None}
 
     # 4. inputs: encode each image / prompt once when the result cannot change

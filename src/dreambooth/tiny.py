@@ -45,6 +45,13 @@ ARCHITECTURES = {
                  unet=_sd_unet((32, 64), 1, 32, 8, groups=16),
                  vae=_vae((16, 32), groups=16),
                  text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    # SD 2.x's shape in miniature: linear attention projections, an OpenCLIP-style (GELU) text
+    # encoder, v-prediction; for the single-file tests, where SD 2.x's layout differs from 1.x's.
+    "tiny-sd2": dict(resolution=32, prediction_type="v_prediction",
+                     unet=_sd_unet((32, 64), 1, 32, 8, groups=16, linear_projection=True),
+                     vae=_vae((16, 32), groups=16),
+                     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               hidden_act="gelu")),
     "small": dict(resolution=128, prediction_type="epsilon",
                   unet=_sd_unet((64, 128, 256), 1, 256, 8),
                   vae=_vae((32, 64, 128, 128)),

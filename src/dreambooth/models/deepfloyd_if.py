@@ -59,6 +59,7 @@ class _IFBase:
     lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),  # add_*: IF's text K/V
                     "text_encoder": ("q", "k", "v", "o")}  # T5's attention projections
     refuses: dict[str, str] = {}
+    single_file = None  # IF is published only as diffusers folders; no A1111/ComfyUI single-file layout exists
     trains_with_identifier = True
     pipeline_class = ""
     stage_parts: tuple[str, ...] = ()
@@ -108,10 +109,8 @@ class _IFBase:
     def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
         import diffusers
 
-        layers = lora_layers(comps, trained)
-        getattr(diffusers, self.pipeline_class).save_lora_weights(
-            folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
-            weight_name=weight_name, safe_serialization=True)
+        getattr(diffusers, self.pipeline_class).save_lora_weights(folder, **lora_layers(comps, trained),
+                                                                   weight_name=weight_name, safe_serialization=True)
 
     def usage(self, model: str, base: str, lora: bool) -> list[str]:
         lines = pipeline_usage(self.pipeline_class, model, base, lora)

@@ -87,6 +87,7 @@ class ModelFamily(Protocol):
     text_encoders: tuple[str, ...]  # module names; config sections of the same names train them
     lora_targets: dict[str, tuple[str, ...]]  # module name -> its Linear layers that get adapters by default
     refuses: dict[str, str]  # "section.field=value" -> why this family cannot train with it
+    single_file: dict[str, str] | None  # part -> key prefix in the one-file layout A1111/ComfyUI read; None: no such layout
     trains_with_identifier: bool  # False: prompts lose concept.identifier (an upscaler learns the look, not the name)
 
     def latent_factor(self, model_dir: Path) -> int:

@@ -65,6 +65,9 @@ class StableDiffusionFamily:
     text_encoders = ("text_encoder",)
     lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
     trains_with_identifier = True
+    # The LDM single-file layout (AUTOMATIC1111, ComfyUI): part -> key prefix. The text encoder's
+    # sub-prefix (transformer. for OpenAI CLIP, model. for SD 2.x's OpenCLIP) follows from its config.
+    single_file = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
     refuses = {"export.save_text_encoder=False": "StableDiffusionPipeline cannot load without its text encoder"}
 
     def latent_factor(self, model_dir: Path) -> int:
@@ -119,10 +122,8 @@ class StableDiffusionFamily:
     def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
         from diffusers import StableDiffusionPipeline
 
-        layers = lora_layers(comps, trained)
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers["unet"],
-                                                  text_encoder_lora_layers=layers.get("text_encoder"),
-                                                  weight_name=weight_name, safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(folder, **lora_layers(comps, trained), weight_name=weight_name,
+                                                  safe_serialization=True)
 
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         return {}
@@ -134,13 +135,20 @@ class StableDiffusionFamily:
         return pipeline_usage("StableDiffusionPipeline", model, base, lora)
 
 
-def lora_layers(comps: Components, trained: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter weights of each trained module, in diffusers' key format."""
+def lora_layers(comps: Components, trained: set[str]) -> dict:
+    """`save_lora_weights` keyword arguments for each trained module: its adapter weights in diffusers'
+    key format, and its LoRA config. Without the config the loader assumes alpha = rank, and an
+    adapter trained with another alpha would load at the wrong strength."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(comps.modules[name], save_embedding_layers=False))
-            for name in sorted(trained)}
+    kwargs = {}
+    for name in sorted(trained):
+        module = comps.modules[name]
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(module, save_embedding_layers=False))
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    return kwargs
 
 
 def pipeline_usage(pipeline_class: str, model: str, base: str, lora: bool) -> list[str]:

@@ -46,6 +46,9 @@ class StableDiffusionXLFamily:
     lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
                     "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj")}
     trains_with_identifier = True
+    # The SGM single-file layout: CLIP ViT-L is the conditioner's embedder 0, OpenCLIP bigG embedder 1.
+    single_file = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                   "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
     refuses = {"export.save_text_encoder=False": "StableDiffusionXLPipeline cannot load without its text encoders"}
 
     def latent_factor(self, model_dir: Path) -> int:
@@ -114,10 +117,8 @@ class StableDiffusionXLFamily:
     def save_lora(self, comps: Components, folder: Path, trained: set[str], weight_name: str) -> None:
         from diffusers import StableDiffusionXLPipeline
 
-        layers = lora_layers(comps, trained)
-        StableDiffusionXLPipeline.save_lora_weights(
-            folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
-            text_encoder_2_lora_layers=layers.get("text_encoder_2"), weight_name=weight_name, safe_serialization=True)
+        StableDiffusionXLPipeline.save_lora_weights(folder, **lora_layers(comps, trained), weight_name=weight_name,
+                                                    safe_serialization=True)
 
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         return {}

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 from dreambooth.cli import main
 
 FULL_TREE = {
-    "README.md", "config.yaml", "model_index.json", ".export.json",
+    "README.md", "config.yaml", "model_index.json", ".export.json", "verification.json",
     "checkpoints/latest.json", "checkpoints/step-000004",
     "logs/metrics.jsonl", "samples/step-000002.png", "samples/step-000004.png",
     "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
@@ -19,7 +19,8 @@ FULL_TREE = {
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
 }
 LORA_TREE = {
-    "README.md", "config.yaml", "pytorch_lora_weights.safetensors", ".export.json",
+    "README.md", "config.yaml", "pytorch_lora_weights.safetensors", ".export.json", "verification.json",
+    "pytorch_lora_weights_kohya.safetensors",  # the same adapters for AUTOMATIC1111 / ComfyUI
     "checkpoints/latest.json", "checkpoints/step-000004",
     "logs/metrics.jsonl", "samples/step-000002.png", "samples/step-000004.png",
 }

@@ -13,10 +13,10 @@ from dreambooth.errors import DreamBoothError
 from dreambooth.train import train
 
 
-def make_cfg(model, photos, out, **sections):
+def make_cfg(base_model, photos, out, **sections):
     """A 32-px config with prior preservation and text-encoder training; `sections` override."""
     base = {
-        "model": {"path": str(model)},
+        "model": {"path": str(base_model)},
         "concept": {"instance_dir": str(photos), "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog"},
         "data": {"resolution": 32, "min_size": 16},
         "prior": {"enabled": True, "num_class_images": 3, "num_inference_steps": 2, "batch_size": 3},

@@ -83,12 +83,13 @@ def cmd_class_images(args) -> None:
     cfg.prior.enabled = True
     cfg.validate()
     from .data.class_images import ensure_class_images
-    from .models.load import check_resolution, detect_family
+    from .models.load import check_resolution, detect_family, model_folder
     from .train import class_image_settings
 
-    check_resolution(cfg.data.resolution, cfg.model.path, detect_family(cfg.model.path, cfg.model.family))
+    model_dir = model_folder(cfg.model)
+    check_resolution(cfg.data.resolution, model_dir, detect_family(model_dir, cfg.model.family))
     for concept in cfg.resolved_concepts():
-        files = ensure_class_images(cfg.model.path, concept.class_dir, class_image_settings(cfg, concept),
+        files = ensure_class_images(model_dir, concept.class_dir, class_image_settings(cfg, concept),
                                     user_supplied=concept.class_images_user_supplied, device=_device())
         print(f"{len(files)} class images for {concept.class_prompt!r} in {concept.class_dir}")
 
@@ -125,6 +126,16 @@ def cmd_sample(args) -> None:
     grid.save(out_dir / f"{scheduler}-{steps}-grid.png")
     chain = f" through {len(stages)} stages" if len(stages) > 1 else ""
     print(f"{len(images)} images ({scheduler}, {steps} steps, guidance {args.guidance_scale}){chain} written to {out_dir}")
+
+
+def cmd_convert(args) -> None:
+    from .interop.convert import convert
+
+    report = convert(args.src, args.dst, config=args.config, precision=args.precision, allow_pickle=args.allow_pickle,
+                     verify=not args.no_verify)
+    if report.problems:
+        raise DreamBoothError(f"{args.dst} was written but does not match {args.src}: {'; '.join(report.problems)}")
+    print(f"wrote {args.dst}" + (f"; verified: {report.summary()}" if report.checks else ""))
 
 
 def cmd_demo(args) -> None:
@@ -196,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt for the --upscale stages (default: --prompt; the guide drops the identifier there, "
                    "e.g. 'a dog' for 'a sks dog')")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("convert", help="single-file checkpoint <-> diffusers folder (A1111/ComfyUI interop), offline",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert between a single-file checkpoint (.safetensors/.ckpt, the layout AUTOMATIC1111 "
+                       "and ComfyUI use) and a diffusers folder, for SD 1.x, SD 2.x and SDXL base. Nothing is "
+                       "downloaded: the architectures of the public base models ship with the package. The result is "
+                       "read back and compared before the command succeeds.",
+                       epilog="examples:\n"
+                       "  dreambooth convert v1-5-pruned-emaonly.safetensors ./sd15            # file -> diffusers folder\n"
+                       "  dreambooth convert ./outputs/my-dog ./my-dog.safetensors --precision fp16   # trained model -> A1111\n"
+                       "  dreambooth convert custom.safetensors ./custom --config ./its-diffusers-folder\n"
+                       "To train from a single file directly: dreambooth train --model.path model.safetensors ...")
+    p.add_argument("src", help="a .safetensors/.ckpt single file, or a diffusers folder (a base model or a full "
+                   "fine-tune's output)")
+    p.add_argument("dst", help="a folder (for a single-file SRC) or a .safetensors file (for a folder SRC)")
+    p.add_argument("--config", default=None, help="the single file's architecture: sd15, sd2-512, sd2-768-v, sdxl-base, "
+                   "or a diffusers folder with matching configs and tokenizers (default: detected from the keys)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16",
+                   help="weights of a written single file (default fp16, as A1111 models are shared)")
+    p.add_argument("--allow-pickle", action="store_true", help="load a .ckpt that torch's safe loader refuses; a pickle "
+                   "can run arbitrary code, so only for files you trust")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the result back and comparing it")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="teach the bundled miniature base model a held-out subject (CPU, minutes)",
                        description="Train one held-out subject of the miniature world into the committed miniature "

@@ -35,7 +35,16 @@ def _f(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "Local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+    path: str = _f("", "Local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                   "scheduler/), or a single-file SD 1.x/2.x/SDXL checkpoint (.safetensors, .ckpt) as AUTOMATIC1111 and "
+                   "ComfyUI keep them: converted once, offline, and cached by the file's hash ($DREAMBOOTH_CACHE).")
+    single_file_config: Optional[str] = _f(
+        None, "For a single-file model.path: the architecture it follows, as a shipped config (sd15, sd2-512, "
+        "sd2-768-v, sdxl-base) or a diffusers folder whose configs and tokenizers match. Default: detected from "
+        "the file's keys (SD 2.x's 512/768-v from its metadata, else by asking the UNet).")
+    allow_pickle: bool = _f(
+        False, "Load a pickle .ckpt that torch's safe loader (weights_only=True) refuses. A pickle can run any code: "
+        "use only for files you trust; prefer .safetensors.")
     family: Literal["auto", "sd", "sdxl", "if", "if-ii"] = _f(
         "auto", "Model family; 'auto' reads model_index.json. 'sd' = Stable Diffusion 1.x/2.x, 'sdxl' = SDXL, "
         "'if' = DeepFloyd IF stage I (IFPipeline), 'if-ii' = IF stage II, the upscaler (IFSuperResolutionPipeline).")
@@ -170,6 +179,14 @@ class MemoryConfig:
 
 @dataclass
 class ExportConfig:
+    single_file: bool = _f(
+        False, "Full fine-tune: also write model.safetensors, one file in the original layout AUTOMATIC1111 and "
+        "ComfyUI load (LDM for SD 1.x/2.x, SGM for SDXL). LoRA always gets a kohya-format copy beside diffusers'.")
+    single_file_precision: Literal["fp16", "fp32"] = _f(
+        "fp16", "Weights of model.safetensors: fp16 (half the size, what A1111 users share) or fp32 (exact).")
+    verify: bool = _f(
+        True, "Load every export back through an independent path (diffusers' single-file loader, load_lora_weights) "
+        "and compare network outputs with the trained model; a mismatch is an error that keeps the diffusers output.")
     save_text_encoder: bool = _f(
         True, "Write the text encoder(s) into a full fine-tune's pipeline folder. false leaves out an untrained one "
         "(IF's T5-XXL is 4.8 B weights; diffusers' --skip_save_text_encoder): load the folder with the base's encoder.")

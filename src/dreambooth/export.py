@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from .config import ExportConfig, TrainConfig
+from .errors import DreamBoothError
 from .files import atomic_write_text, finish_swap, swap_in
+from .interop.exports import LORA_WEIGHTS, REPORT, verify_export, write_formats
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EXPORTED = ".export.json"  # the entries the last export wrote, so the next one can replace them all
 
 
@@ -54,11 +55,31 @@ def export(comps, out: Path, trainable, lora: bool, settings: ExportConfig, card
             if (tmp / name).is_dir() and comps.source(name).is_dir():
                 shutil.rmtree(tmp / name)
                 shutil.copytree(comps.source(name), tmp / name)
+    formats = write_formats(comps, tmp, trainable, lora, settings)  # kohya LoRA, model.safetensors
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "README.md").write_text(card)
     previous = json.loads((out / EXPORTED).read_text()) if (out / EXPORTED).is_file() else []
-    (tmp / EXPORTED).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
+    # what verification may add belongs to this export too, so the next one replaces it
+    later = [REPORT] + [f"{name}.unverified" for name in formats + [LORA_WEIGHTS]]
+    (tmp / EXPORTED).write_text(json.dumps(sorted(p.name for p in tmp.iterdir()) + later))
     swap_in(tmp, out, stale=tuple(previous))
+    if settings.verify:
+        _verify(comps, out, trainable, lora)
+
+
+def _verify(comps, out: Path, trainable, lora: bool) -> None:
+    """Load the export back (`interop.exports.verify_export`); keep the report beside it. A file that
+    does not reproduce the trained model is renamed *.unverified, so nothing loads it by accident."""
+    report = verify_export(comps, out, trainable, lora)
+    atomic_write_text(out / REPORT, json.dumps({"passed": not report.problems, "checks": report.checks,
+                                                "problems": report.problems}, indent=2) + "\n")
+    print(f"export verified: {report.summary()}" if not report.problems else "export verification FAILED")
+    if report.problems:
+        for name in sorted(report.failed_files):
+            if (out / name).is_file():
+                (out / name).replace(out / f"{name}.unverified")
+        raise DreamBoothError(f"the export in {out} does not load back as trained: {'; '.join(report.problems)} "
+                              f"(details in {out / REPORT}; the diffusers-format output is kept)")
 
 
 def update_model_card(out: Path, card: str) -> None:
@@ -66,8 +87,12 @@ def update_model_card(out: Path, card: str) -> None:
     atomic_write_text(out / "README.md", card)
 
 
-def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: Path) -> str:
-    """The output's README.md: prompts, settings, how to load it (the family's snippet), samples."""
+def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: Path, base_dir: Path | None = None) -> str:
+    """The output's README.md: prompts, settings, how to load it (the family's snippet), samples.
+    `base_dir`: the diffusers folder trained from (a single-file model.path's converted copy)."""
+    from .interop.exports import SINGLE_FILE
+    from .interop.kohya import KOHYA_WEIGHTS
+
     concepts = cfg.resolved_concepts()
     lines = [
         "---",
@@ -103,10 +128,16 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         "## Use",
         "",
         "```python",
-        *family.usage(str(out), cfg.model.path, cfg.train.method == "lora"),
+        *family.usage(str(out), str(base_dir or cfg.model.path), cfg.train.method == "lora"),
     ]
     lines += [f'image = pipe("{concepts[0].instance_prompt}").images[0]', "```", "",
               f"or `dreambooth sample {out} --prompt \"{concepts[0].instance_prompt}\"`.", ""]
+    if base_dir is not None and Path(cfg.model.path) != Path(base_dir):
+        lines += [f"Trained from the single file `{cfg.model.path}`; the base above is its diffusers copy.", ""]
+    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file):
+        lines += [f"For AUTOMATIC1111 / ComfyUI: `{KOHYA_WEIGHTS}` (kohya format) in `models/Lora`.", ""]
+    elif cfg.export.single_file and family.single_file:
+        lines += [f"For AUTOMATIC1111 / ComfyUI: `{SINGLE_FILE}` (one file, original layout) in `models/Stable-diffusion`.", ""]
     if final_grid is not None:
         lines += ["## Samples", "", f"Validation prompts {cfg.validation.prompts} with {cfg.validation.scheduler}, "
                   f"{cfg.validation.num_inference_steps} steps, seeds from {cfg.validation.seed}:", "",

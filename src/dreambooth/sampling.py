@@ -201,6 +201,7 @@ def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = 
     from diffusers import DiffusionPipeline
 
     from dreambooth.files import finish_swap
+    from dreambooth.interop.single_file import cached_folder, is_single_file
 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -210,11 +211,15 @@ def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = 
     if (output_dir / "model_index.json").is_file():
         pipe = DiffusionPipeline.from_pretrained(output_dir)
     elif lora_file.is_file():
+        model = {}
         if base is None:
             config = output_dir / "config.yaml"
             if not config.is_file():
                 raise DreamBoothError(f"{output_dir} holds LoRA weights but no config.yaml naming the base model: pass --base")
-            base = yaml.safe_load(config.read_text())["model"]["path"]
+            model = yaml.safe_load(config.read_text())["model"]
+            base = model["path"]
+        if is_single_file(base):  # trained from a single file: its converted (cached) folder
+            base = str(cached_folder(base, model.get("single_file_config"), model.get("allow_pickle", False)))
         if not Path(base).is_dir():
             raise DreamBoothError(f"base model {base} (for the LoRA in {output_dir}) not found: pass --base PATH")
         pipe = DiffusionPipeline.from_pretrained(base)

@@ -33,7 +33,7 @@ from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
 from .inputs import Latents, Texts
-from .models.load import check_resolution, check_settings, detect_family
+from .models.load import check_resolution, check_settings, detect_family, model_folder
 from .models.memory import apply_memory_options
 from .models.trainable import setup_trainable
 from .optim import OptimizerInBackward, build_lr_scheduler, build_optimizer
@@ -62,9 +62,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_time = time.time()
     cfg.validate()
     check_environment(cfg)  # installed packages can do what the settings ask
-    family = detect_family(cfg.model.path, cfg.model.family)
-    check_settings(cfg, family, cfg.model.path)
-    check_resolution(cfg.data.resolution, cfg.model.path, family)
+    model_dir = model_folder(cfg.model)  # a single-file checkpoint is converted (once) here
+    family = detect_family(model_dir, cfg.model.family)
+    check_settings(cfg, family, model_dir)
+    check_resolution(cfg.data.resolution, model_dir, family)
     out = Path(cfg.train.output_dir)
     finish_swap(out)  # complete an export that a kill interrupted
     # accelerate keeps its settings in a process-wide singleton; clear them (not the process group)
@@ -87,10 +88,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")
 
     # 1. settings, model and photos - every input error surfaces here, before any training
-    comps = family.load(Path(cfg.model.path), cfg.model.vae_path)
+    comps = family.load(model_dir, cfg.model.vae_path)
     concepts = cfg.resolved_concepts()
     subject = subject_examples(concepts, cfg.data, without_identifier=not family.trains_with_identifier)
-    fingerprint = model_fingerprint(cfg.model.path)
+    fingerprint = model_fingerprint(model_dir)
     resume_from = ckpt.latest_checkpoint(out) if cfg.train.resume else None
     if cfg.train.resume and resume_from is None:
         raise DreamBoothError(f"train.resume is set but {ckpt.checkpoints_root(out)} has no checkpoint; "
@@ -104,7 +105,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     klass = []
     if cfg.prior.enabled:
         with accelerator.main_process_first():  # one process generates; the others then find and reuse the images
-            files = [ensure_class_images(cfg.model.path, c.class_dir, class_image_settings(cfg, c),
+            files = [ensure_class_images(model_dir, c.class_dir, class_image_settings(cfg, c),
                                          user_supplied=c.class_images_user_supplied,
                                          device=accelerator.device,
                                          dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
@@ -215,12 +216,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         # The model is written before the final validation, so a failure there cannot lose it.
         export(comps, out, trainable, cfg.train.method == "lora", cfg.export,
-               card=model_card(cfg, family, None, result, out), config_yaml=yaml_text(cfg))
+               card=model_card(cfg, family, None, result, out, model_dir), config_yaml=yaml_text(cfg))
         if cfg.validation.prompts:
             with accelerator.autocast():
                 grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger, photos,
                                 texts if cfg.memory.offload_text_encoders else None)
-            update_model_card(out, model_card(cfg, family, grid, result, out))
+            update_model_card(out, model_card(cfg, family, grid, result, out, model_dir))
     logger.close()
     result.seconds = time.time() - start_time
     accelerator.end_training()

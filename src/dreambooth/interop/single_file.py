@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -151,19 +152,34 @@ def load_part_from(state: dict, config_dir: Path, part: str, class_name: str, dt
     import transformers
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
-    if hasattr(diffusers, class_name):
-        cls = getattr(diffusers, class_name)
-        model = cls.from_single_file(state, config=str(config_dir), subfolder=part, local_files_only=True,
-                                     torch_dtype=dtype)
-    else:
-        cls = getattr(transformers, class_name)
-        model = create_diffusers_clip_model_from_ldm(cls, state, subfolder=part, config=str(config_dir),
-                                                     torch_dtype=dtype, local_files_only=True)
+    try:
+        if hasattr(diffusers, class_name):
+            model = getattr(diffusers, class_name).from_single_file(state, config=str(config_dir), subfolder=part,
+                                                                    local_files_only=True)
+        else:
+            model = create_diffusers_clip_model_from_ldm(getattr(transformers, class_name), state, subfolder=part,
+                                                         config=str(config_dir), local_files_only=True)
+    except (ValueError, RuntimeError, KeyError) as e:  # shapes or names that do not fit the config
+        shapes = re.search(r"(\S+) expected shape (.*?), but got (.*?)\.", str(e))
+        why = f"{shapes[1]} is {shapes[3]}, the config wants {shapes[2]}" if shapes else str(e).splitlines()[0][:200]
+        raise DreamBoothError(f"the checkpoint's {part} does not fit the architecture in {config_dir} "
+                              f"({why}); pass the matching config (--config / "
+                              "model.single_file_config: a shipped name or a diffusers folder of this model)") from None
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise DreamBoothError(f"the checkpoint has no weights for {len(missing)} {part} parameter(s) of {config_dir.name}'s "
                               f"architecture (e.g. {missing[0]}); is it the right config for this file?")
-    return model
+    return owned(model, dtype)
+
+
+def owned(model, dtype=None):
+    """The module with every tensor copied into memory of its own, cast to `dtype` if given.
+
+    Weights read from a file keep pointing into its buffer; CPU kernels then pick code paths by
+    address alignment, and the same weights give outputs a few 1e-7 apart - enough to hide whether
+    two loads are bitwise equal. (Casting here, not with .to(): diffusers' .to() warns about fp32 modules.)
+    """
+    return model._apply(lambda t: t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone())
 
 
 def load_modules(state: dict, fam, config_dir: Path, dtype=None) -> tuple[dict, list[str]]:
@@ -177,17 +193,20 @@ def load_modules(state: dict, fam, config_dir: Path, dtype=None) -> tuple[dict, 
 def tokenizers_from(config_dir: Path) -> dict:
     """The tokenizers a config folder names: its own files, or the shipped full CLIP vocabulary plus
     its tokenizer_config.json (the shipped folders keep one copy of the 1.5 MB vocabulary)."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
     out = {}
     for folder in sorted(config_dir.glob("tokenizer*")):
-        if (folder / "vocab.json").is_file():
+        if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             out[folder.name] = CLIPTokenizer.from_pretrained(folder)
-        else:
-            settings = json.loads((folder / "tokenizer_config.json").read_text())
-            out[folder.name] = CLIPTokenizer(vocab_file=str(CLIP_VOCAB / "vocab.json"),
-                                             merges_file=str(CLIP_VOCAB / "merges.txt"),
-                                             **{k: v for k, v in settings.items() if k != "tokenizer_class"})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # from_pretrained wants the three files in one folder
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(CLIP_VOCAB / name, Path(tmp) / name)
+            shutil.copy(folder / "tokenizer_config.json", Path(tmp) / "tokenizer_config.json")
+            out[folder.name] = CLIPTokenizer.from_pretrained(tmp)
     return out
 
 
@@ -202,7 +221,7 @@ def to_diffusers(path: str | Path, out: str | Path, config: str | Path | None = 
     if unread:
         print(f"note: {len(unread)} tensor(s) in {path.name} belong to no part diffusers uses (e.g. {unread[0]}); "
               "left out")
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # one per process: several may convert at once
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy(config_dir / "model_index.json", tmp / "model_index.json")
@@ -212,8 +231,12 @@ def to_diffusers(path: str | Path, out: str | Path, config: str | Path | None = 
     for name, module in modules.items():
         module.save_pretrained(tmp / name, safe_serialization=True)
     (tmp / "single_file_source.json").write_text(json.dumps({"file": str(path.resolve()), "config": config_dir.name}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first; its folder is the same conversion
+        if not (out / "model_index.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 
@@ -240,19 +263,44 @@ def cached_folder(path: str | Path, config: str | Path | None = None, allow_pick
     return out
 
 
-def original_state_dict(modules: dict, fam, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The modules' weights in the family's single-file layout (`layout.to_original`)."""
+def original_state_dict(modules, fam, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The modules' weights in the family's single-file layout (`layout.to_original`). `modules` maps
+    part -> module, or is a function part -> module, so parts can be loaded one at a time."""
     from .layout import to_original
 
+    get = modules if callable(modules) else modules.__getitem__
     state: dict[str, torch.Tensor] = {}
     for part, prefix in fam.single_file.items():
         kind = "unet" if part == fam.denoiser else "text" if part in fam.text_encoders else "vae"
-        for key, value in to_original(prefix, modules[part], kind).items():
+        for key, value in to_original(prefix, get(part), kind).items():
             state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return state
 
 
-def write_single_file(modules: dict, fam, path: str | Path, dtype: torch.dtype | None = None,
+def saved_part(folder: Path, part: str, dtype=None):
+    """One part of a diffusers folder, loaded by the class model_index.json names."""
+    import diffusers
+    import transformers
+
+    library, class_name = json.loads((folder / "model_index.json").read_text())[part]
+    cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+    return owned(cls.from_pretrained(folder / part), dtype)
+
+
+def folder_to_single_file(folder: str | Path, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers folder (a base model or a full fine-tune's output) -> one original-layout file."""
+    from ..models.load import detect_family
+
+    folder = Path(folder)
+    fam = detect_family(folder)
+    if not fam.single_file:
+        raise DreamBoothError(f"{folder} is a {fam.name} model; that family has no single-file layout")
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return write_single_file(lambda part: saved_part(folder, part), fam, path, dtype,
+                             scheduler.get("prediction_type", "epsilon"))
+
+
+def write_single_file(modules, fam, path: str | Path, dtype: torch.dtype | None = None,
                       prediction_type: str = "epsilon") -> Path:
     """Write the modules as one original-layout .safetensors file (atomically: beside it, then renamed)."""
     from safetensors.torch import save_file

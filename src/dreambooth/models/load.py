@@ -30,8 +30,8 @@ def detect_family(model_dir: str | Path, family: str = "auto") -> ModelFamily:
     if not model_dir.exists():
         raise DreamBoothError(f"model folder not found: {model_dir}")
     if model_dir.is_file():
-        raise DreamBoothError(f"{model_dir} is a file; model.path must be a diffusers model folder. Convert a single-file "
-                              "checkpoint first (e.g. StableDiffusionPipeline.from_single_file(...).save_pretrained(folder))")
+        raise DreamBoothError(f"{model_dir} is a file, not a diffusers model folder; single-file checkpoints "
+                              "(.safetensors, .ckpt) are read through model.path or `dreambooth convert`")
     index_path = model_dir / "model_index.json"
     if not index_path.is_file():
         raise DreamBoothError(f"{model_dir} is not a diffusers model folder: it has no model_index.json "
@@ -80,6 +80,16 @@ def check_settings(cfg, fam: ModelFamily, model_dir: str | Path) -> None:
         section, field = key.split(".")
         if str(getattr(getattr(cfg, section), field)) == value:
             raise DreamBoothError(f"{key}={value.lower()} cannot be used with {model_dir} ({fam.name}): {why}")
+
+
+def model_folder(model) -> Path:
+    """The diffusers folder for ModelConfig `model`: its path, or for a single-file checkpoint the
+    folder converted from it (once; cached by the file's hash)."""
+    from ..interop.single_file import cached_folder, is_single_file
+
+    if is_single_file(model.path):
+        return cached_folder(model.path, model.single_file_config, model.allow_pickle)
+    return Path(model.path)
 
 
 def load_components(model_dir: str | Path, family: str = "auto", vae_path: str | None = None) -> Components:

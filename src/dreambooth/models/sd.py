@@ -136,17 +136,28 @@ class StableDiffusionFamily:
 
 
 def lora_layers(comps: Components, trained: set[str]) -> dict:
-    """`save_lora_weights` keyword arguments for each trained module: its adapter weights in diffusers'
-    key format, and its LoRA config. Without the config the loader assumes alpha = rank, and an
-    adapter trained with another alpha would load at the wrong strength."""
+    """`save_lora_weights` keyword arguments for each trained module: its adapter weights, named as
+    diffusers' loader reads them, and its LoRA config. Without the config the loader assumes
+    alpha = rank, and an adapter trained with another alpha would load at the wrong strength.
+
+    The denoiser's adapters keep peft's names (lora_A/lora_B), which the loader takes as they are.
+    diffusers' own renaming covers only some layers (to_q.lora_A -> to_q.lora.down, but not IF's
+    add_k_proj), and a file that mixes the two is read as peft, losing the renamed ones."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     kwargs = {}
     for name in sorted(trained):
         module = comps.modules[name]
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(module, save_embedding_layers=False))
+        layers = get_peft_model_state_dict(module, save_embedding_layers=False)
+        if name in comps.family.text_encoders:
+            layers = convert_state_dict_to_diffusers(layers)
+            # diffusers' text-encoder loader reads only its own names (lora_linear_layer.down/up) and
+            # renames CLIP's projections alone; T5's q/k/v/o adapters would stay lora_A/B, which it
+            # refuses ("Could not automatically infer state dict type"). Name every layer its way.
+            layers = {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+                      for k, v in layers.items()}
+        kwargs[f"{name}_lora_layers"] = layers
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     return kwargs
 

@@ -1,0 +1,96 @@
+"""The A1111/ComfyUI formats of an export, and the check that every format loads back as trained.
+
+`write_formats` adds them to the staged export folder: a kohya-format copy of a LoRA, and (with
+export.single_file) a full fine-tune as one original-layout file, built part by part from the
+diffusers folder just written, so frozen parts are their exact source weights.
+
+`verify_export` reloads each file through a path that is not ours (diffusers' `from_single_file`
+converters, `load_lora_weights`), counts tensors no converter read and parameters none filled, and
+compares network outputs with the trained modules (`verify.compare`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .kohya import KOHYA_WEIGHTS, save_kohya
+from .single_file import TrackedDict, folder_to_single_file, load_part_from, read_checkpoint, saved_part
+from .verify import FP32, HALF, Verification, compare, same_weights, tolerance
+
+SINGLE_FILE = "model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+REPORT = "verification.json"
+
+
+def write_formats(comps, folder: Path, trainable, lora: bool, settings) -> list[str]:
+    """Write the single-file formats the family has into `folder` (a staged export); their names."""
+    fam = comps.family
+    if not fam.single_file:
+        return []
+    if lora:
+        save_kohya(comps.modules, sorted(trainable.modules), fam.text_encoders, folder / KOHYA_WEIGHTS)
+        return [KOHYA_WEIGHTS]
+    if settings.single_file:
+        dtype = torch.float16 if settings.single_file_precision == "fp16" else None
+        folder_to_single_file(folder, folder / SINGLE_FILE, dtype)
+        return [SINGLE_FILE]
+    return []
+
+
+def verify_export(comps, out: Path, trainable, lora: bool) -> Verification:
+    """Load what `out` holds back through diffusers and compare it with the trained modules."""
+    report = Verification()
+    if lora:
+        _verify_lora(comps, out, trainable, report)
+    else:
+        _verify_full(comps, out, trainable, report)
+    return report
+
+
+def _verify_lora(comps, out: Path, trainable, report: Verification) -> None:
+    from ..models.load import load_components
+
+    base = comps.family.pipeline(load_components(comps.model_dir, comps.family.name))
+    for part in trainable.modules:  # the fresh base in the trained model's place and precision
+        reference = comps.modules[part]
+        frozen = next(p for n, p in reference.named_parameters() if "lora_" not in n)
+        getattr(base, part)._apply(lambda t: t.to(frozen.device, frozen.dtype if t.is_floating_point() else t.dtype))
+    for file in [LORA_WEIGHTS] + ([KOHYA_WEIGHTS] if (out / KOHYA_WEIGHTS).is_file() else []):
+        try:
+            base.load_lora_weights(out, weight_name=file)
+        except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+            report.fail(f"{file}: load_lora_weights failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file)
+            continue
+        for part in sorted(trainable.modules):
+            compare(report, f"{file} {part}", comps.modules[part], getattr(base, part),
+                    tolerance(comps.modules[part], getattr(base, part)), file)
+        base.unload_lora_weights()
+
+
+def _verify_full(comps, out: Path, trainable, report: Verification) -> None:
+    fam = comps.family
+    for part in sorted(trainable.modules):  # the diffusers folder holds what was trained
+        # the same class and config wrote and read it: equal weights are the whole check
+        same_weights(report, f"{part}/ (diffusers folder)", comps.modules[part], saved_part(out, part), part)
+    path = out / SINGLE_FILE
+    if not path.is_file():
+        return
+    state, _ = read_checkpoint(path)
+    half = any(v.dtype == torch.float16 for v in state.values())
+    tracked = TrackedDict(state)
+    index = json.loads((out / "model_index.json").read_text())
+    for part in fam.single_file:
+        try:
+            from_file = load_part_from(tracked, out, part, index[part][1], torch.float32)
+        except Exception as e:  # noqa: BLE001 - a part diffusers cannot rebuild is the finding
+            report.fail(f"{SINGLE_FILE} {part}: {str(e).splitlines()[0]}", SINGLE_FILE)
+            continue
+        compare(report, f"{SINGLE_FILE} {part}", saved_part(out, part), from_file, HALF if half else FP32, SINGLE_FILE)
+    unread = sorted(set(state) - tracked.read)
+    if unread:
+        report.fail(f"{SINGLE_FILE}: {len(unread)} tensor(s) no converter read, e.g. {unread[0]}", SINGLE_FILE)
+    else:
+        report.checks.append(f"{SINGLE_FILE}: all {len(state)} tensors read")

@@ -285,3 +285,17 @@ def test_a_failed_verification_keeps_the_diffusers_output(tiny_sd_dir, photos, t
     assert (out / "model.safetensors.unverified").is_file() and not (out / "model.safetensors").exists()
     report = json.loads((out / "verification.json").read_text())
     assert not report["passed"] and "unet/ (diffusers folder): all 208 weights bitwise equal" in report["checks"]
+
+
+def test_a_lora_trained_from_a_single_file_samples_with_its_base(tiny_sd_dir, photos, tmp_path):
+    from dreambooth.sampling import load_trained_pipeline
+
+    sf.folder_to_single_file(tiny_sd_dir, tmp_path / "base.safetensors")
+    out = tmp_path / "out"
+    train(make_cfg(tmp_path / "base.safetensors", photos, out, train={"method": "lora", "max_steps": 1},
+                   model={"single_file_config": str(tiny_sd_dir)}))
+    card = (out / "README.md").read_text()
+    assert "Trained from the single file" in card and "pytorch_lora_weights_kohya.safetensors" in card
+    pipe = load_trained_pipeline(out, scheduler="ddim")  # the base is read from config.yaml: the file's cached copy
+    image = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)

@@ -60,6 +60,7 @@ class _IFBase:
                     "text_encoder": ("q", "k", "v", "o")}  # T5's attention projections
     refuses: dict[str, str] = {}
     trains_with_identifier = True
+    buckets_by_default = False
     pipeline_class = ""
     stage_parts: tuple[str, ...] = ()
 

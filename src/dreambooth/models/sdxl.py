@@ -46,6 +46,7 @@ class StableDiffusionXLFamily:
     lora_targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
                     "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj")}
     trains_with_identifier = True
+    buckets_by_default = True  # SDXL was trained on aspect-ratio buckets, with original size and crop as time ids
     refuses = {"export.save_text_encoder=False": "StableDiffusionXLPipeline cannot load without its text encoders"}
 
     def latent_factor(self, model_dir: Path) -> int:

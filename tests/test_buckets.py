@@ -264,3 +264,35 @@ def test_resume_is_exact_with_buckets(tiny_sd_dir, tmp_path, monkeypatch):
     assert [resumed.losses[s] for s in (3, 4)] == [continuous.losses[s] for s in (3, 4)]  # bitwise
     a, b = _final_weights(tmp_path / "a", "full"), _final_weights(out, "full")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latent_cache_works_per_bucket(tiny_sd_dir, tmp_path):
+    """Cached VAE posteriors (one per photo, at its bucket size) give the losses of encoding every step."""
+    import shutil
+
+    from test_train import make_cfg
+
+    from dreambooth.train import train
+
+    photos = write_mixed_photos(tmp_path / "mixed")
+    common = dict(text_encoder={"train": False}, train={"max_steps": 3}, data={"buckets": True}, prior={"num_class_images": 3})
+    cached = train(make_cfg(tiny_sd_dir, photos, tmp_path / "c", memory={"cache_latents": True}, **common))
+    shutil.copytree(tmp_path / "c" / "class_images", tmp_path / "u" / "class_images")
+    uncached = train(make_cfg(tiny_sd_dir, photos, tmp_path / "u", memory={"cache_latents": False}, **common))
+    torch.testing.assert_close(torch.tensor(list(cached.losses.values())), torch.tensor(list(uncached.losses.values())),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_class_images_command_generates_at_the_bucket_sizes(tiny_sd_dir, tmp_path, capsys):
+    from dreambooth.cli import main
+
+    photos = write_mixed_photos(tmp_path / "mixed")
+    argv = ["class-images", "--model.path", str(tiny_sd_dir), "--concept.instance_dir", str(photos),
+            "--concept.instance_prompt", "a photo of sks dog", "--concept.class_prompt", "a photo of a dog",
+            "--concept.class_dir", str(tmp_path / "dogs"), "--prior.num_class_images", "4",
+            "--prior.num_inference_steps", "2", "--data.resolution", "32", "--data.min_size", "16", "--data.buckets"]
+    assert main(argv) == 0
+    assert "4 class images" in capsys.readouterr().out  # 4 x (2, 2, 2) / 6 = 1.33 each; the remainder goes to the bucket met first (photo_00 is square)
+    sizes = {p.parent.name: Image.open(p).size for p in (tmp_path / "dogs").glob("*/*.png")}
+    assert sorted(p.parent.name for p in (tmp_path / "dogs").glob("*/*.png")) == ["16x48", "32x32", "32x32", "48x16"]
+    assert sizes == {"16x48": (48, 16), "32x32": (32, 32), "48x16": (16, 48)}  # PIL sizes are (width, height)

@@ -82,14 +82,19 @@ def cmd_class_images(args) -> None:
     cfg = config_from_args(args)
     cfg.prior.enabled = True
     cfg.validate()
-    from .data.class_images import ensure_class_images
+    from .data.buckets import bucket_table, uses_buckets
+    from .data.dataset import subject_examples
     from .models.load import check_resolution, detect_family
-    from .train import class_image_settings
+    from .train import ensure_concept_class_images
 
-    check_resolution(cfg.data.resolution, cfg.model.path, detect_family(cfg.model.path, cfg.model.family))
-    for concept in cfg.resolved_concepts():
-        files = ensure_class_images(cfg.model.path, concept.class_dir, class_image_settings(cfg, concept),
-                                    user_supplied=concept.class_images_user_supplied, device=_device())
+    family = detect_family(cfg.model.path, cfg.model.family)
+    check_resolution(cfg.data.resolution, cfg.model.path, family)
+    # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
+    buckets = bucket_table(cfg.data, family.latent_factor(Path(cfg.model.path))) if uses_buckets(cfg.data, family) else None
+    concepts = cfg.resolved_concepts()
+    subject = subject_examples(concepts, cfg.data) if buckets else []
+    for concept in concepts:
+        files = ensure_concept_class_images(cfg, concept, subject, buckets, device=_device())
         print(f"{len(files)} class images for {concept.class_prompt!r} in {concept.class_dir}")
 
 

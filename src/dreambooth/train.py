@@ -249,7 +249,7 @@ def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
                               batch_size=p.batch_size)
 
 
-def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, device, dtype) -> list[Path]:
+def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, device, dtype=torch.float32) -> list[Path]:
     """A concept's class images: at data.resolution square, or with buckets at the bucket sizes they will be used at.
 
     Bucketed, `prior.num_class_images` is split over the buckets of the concept's photos in proportion

@@ -1,18 +1,27 @@
 """Aspect-ratio buckets: the tables, the assignment, one bucket per micro-batch, a data order that stays a
 pure function of (seed, position), disjoint processes, and crops that keep an off-centre subject."""
 
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from test_sdxl import make_cfg as sdxl_cfg
+from test_train import Crash, _final_weights, crash_after_checkpoint, make_cfg
 
-from dreambooth.config import DataConfig
+from dreambooth.cli import main
+from dreambooth.config import ConceptConfig, DataConfig
 from dreambooth.data.buckets import bucket_sizes, bucket_table, class_image_counts, nearest_bucket, uses_buckets
-from dreambooth.data.dataset import BucketOrder, DataOrder, DreamBoothData, Example, Positions
+from dreambooth.data.dataset import BucketOrder, DataOrder, DreamBoothData, Example, Positions, subject_examples
 from dreambooth.errors import DreamBoothError
 from dreambooth.models.load import FAMILIES
+from dreambooth.train import train
 
 # SD 1.x at 512 px: step 64 (latent factor 8 x 8), sides 256..1024. Each row: for width w the largest
 # multiple of 64 with w * h <= 512^2, capped at 1024 (by hand: w=320 -> 262144/320 = 819.2 -> 768).
@@ -218,10 +227,6 @@ def write_mixed_photos(folder: Path) -> Path:
 
 
 def test_sdxl_trains_a_mixed_aspect_folder_in_buckets_by_default(tiny_sdxl_dir, tmp_path, caplog):
-    from test_sdxl import make_cfg as sdxl_cfg
-
-    from dreambooth.train import train
-
     photos = write_mixed_photos(tmp_path / "mixed")
     (photos / "photo_03.txt").write_text("a photo of a dog on the left")  # a caption without the identifier
     out = tmp_path / "out"
@@ -243,12 +248,6 @@ def test_sdxl_trains_a_mixed_aspect_folder_in_buckets_by_default(tiny_sdxl_dir, 
 
 def test_resume_is_exact_with_buckets(tiny_sd_dir, tmp_path, monkeypatch):
     """SD with data.buckets=true, random crops and flips, accumulation, prior: 4 steps == 2, a crash, a resume, 2."""
-    import shutil
-
-    from test_train import Crash, _final_weights, crash_after_checkpoint, make_cfg
-
-    from dreambooth.train import train
-
     photos = write_mixed_photos(tmp_path / "mixed")
     settings = dict(train={"max_steps": 4, "gradient_accumulation_steps": 2}, checkpoint={"every_n_steps": 2},
                     data={"random_flip": True, "center_crop": False, "buckets": True}, text_encoder={"train": False},
@@ -268,12 +267,6 @@ def test_resume_is_exact_with_buckets(tiny_sd_dir, tmp_path, monkeypatch):
 
 def test_latent_cache_works_per_bucket(tiny_sd_dir, tmp_path):
     """Cached VAE posteriors (one per photo, at its bucket size) give the losses of encoding every step."""
-    import shutil
-
-    from test_train import make_cfg
-
-    from dreambooth.train import train
-
     photos = write_mixed_photos(tmp_path / "mixed")
     common = dict(text_encoder={"train": False}, train={"max_steps": 3}, data={"buckets": True}, prior={"num_class_images": 3})
     cached = train(make_cfg(tiny_sd_dir, photos, tmp_path / "c", memory={"cache_latents": True}, **common))
@@ -284,8 +277,6 @@ def test_latent_cache_works_per_bucket(tiny_sd_dir, tmp_path):
 
 
 def test_class_images_command_generates_at_the_bucket_sizes(tiny_sd_dir, tmp_path, capsys):
-    from dreambooth.cli import main
-
     photos = write_mixed_photos(tmp_path / "mixed")
     argv = ["class-images", "--model.path", str(tiny_sd_dir), "--concept.instance_dir", str(photos),
             "--concept.instance_prompt", "a photo of sks dog", "--concept.class_prompt", "a photo of a dog",
@@ -296,3 +287,52 @@ def test_class_images_command_generates_at_the_bucket_sizes(tiny_sd_dir, tmp_pat
     sizes = {p.parent.name: Image.open(p).size for p in (tmp_path / "dogs").glob("*/*.png")}
     assert sorted(p.parent.name for p in (tmp_path / "dogs").glob("*/*.png")) == ["16x48", "32x32", "32x32", "48x16"]
     assert sizes == {"16x48": (48, 16), "32x32": (32, 32), "48x16": (16, 48)}  # PIL sizes are (width, height)
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from dreambooth.config import ConceptConfig, DataConfig
+from dreambooth.data.buckets import bucket_table
+from dreambooth.data.dataset import DreamBoothData, Positions, subject_examples
+
+accelerator = Accelerator()
+data = DataConfig(resolution=32, min_size=16, random_flip=True)
+subject = subject_examples([ConceptConfig(instance_dir=sys.argv[1], instance_prompt="a photo of sks dog")], data)
+stream = DreamBoothData(subject, [], data, 0, Positions(2, 2, accelerator.num_processes, accelerator.process_index),
+                        buckets=bucket_table(data, 2))
+rows = []
+for step in range(5):
+    for micro in range(2):
+        batch = stream.micro_batch(step, micro, with_pixels=True)
+        rows.append({"first": stream.positions.first(step, micro), "indices": batch.indices, "size": batch.target_size,
+                     "pixels": float(batch.pixels.double().sum())})
+Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps(rows))
+"""
+
+
+def test_two_processes_launched_take_disjoint_positions_with_buckets(tmp_path):
+    """Two real processes (torchrun, as `accelerate launch` starts them): each takes its own positions, each
+    micro-batch is one bucket, and together they see exactly the one-process stream."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed")
+    photos = write_mixed_photos(tmp_path / "mixed")
+    script = tmp_path / "stream.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", str(script), str(photos),
+                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    firsts = [row["first"] for rows in ranks for row in rows]
+    assert sorted(firsts) == list(range(0, 5 * 2 * 2 * 2, 2))  # 5 steps x 2 micro x 2 processes x batch 2, once each
+    data = DataConfig(resolution=32, min_size=16, random_flip=True)
+    subject = subject_examples([ConceptConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog")], data)
+    single = DreamBoothData(subject, [], data, 0, Positions(2), buckets=bucket_table(data, 2))
+    for row in ranks[0] + ranks[1]:
+        expected = single.batch(row["first"], 2, with_pixels=True)
+        assert [tuple(k) for k in row["indices"]] == expected.indices and tuple(row["size"]) == expected.target_size
+        assert {single.sizes[k][i] for k, i in expected.indices} == {expected.target_size}
+        assert row["pixels"] == float(expected.pixels.double().sum())

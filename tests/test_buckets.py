@@ -74,6 +74,10 @@ def test_bucket_table_defaults_and_errors():
         bucket_table(DataConfig(resolution=512, bucket_min_side=200), 8)
     with pytest.raises(DreamBoothError, match=r"data.bucket_min_side \(576\) <= data.resolution \(512\)"):
         bucket_table(DataConfig(resolution=512, bucket_min_side=576), 8)
+    assert bucket_table(DataConfig(resolution=32, bucket_step=8, bucket_min_side=16), 4) == [
+        (64, 16), (56, 16), (48, 16), (40, 24), (32, 32), (24, 40), (16, 48), (16, 56), (16, 64)]  # the miniature world's
+    with pytest.raises(DreamBoothError, match=r"data.bucket_step must be a positive multiple of 4 .* got 6; try 32"):
+        bucket_table(DataConfig(resolution=32, bucket_step=6), 4)
 
 
 def test_default_is_on_for_sdxl_only():

@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data.buckets (default: the model's family default, off without --model)")
     p.add_argument("--bucket-min-side", type=int, default=None, help="data.bucket_min_side (default: resolution / 2)")
     p.add_argument("--bucket-max-side", type=int, default=None, help="data.bucket_max_side (default: resolution x 2)")
+    p.add_argument("--bucket-step", type=int, default=None, help="data.bucket_step (default: latent factor x 8)")
     p.add_argument("--latent-factor", type=int, default=8, help="without --model: the VAE's factor (bucket step = factor "
                    "x 8; 8 for SD/SDXL, 1 for IF)")
     p.add_argument("--min-size", type=int, default=None, help="data.min_size (default: resolution / 2)")

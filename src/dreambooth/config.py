@@ -76,6 +76,10 @@ class DataConfig:
         "class images are generated at the bucket sizes. Default: the family's (on for SDXL, off for SD 1.x/2.x and IF).")
     bucket_min_side: Optional[int] = _f(None, "Shortest bucket side in pixels (with data.buckets). Default: resolution / 2, rounded up to the step.")
     bucket_max_side: Optional[int] = _f(None, "Longest bucket side in pixels (with data.buckets). Default: resolution x 2.")
+    bucket_step: Optional[int] = _f(
+        None, "Bucket sides are multiples of this many pixels (with data.buckets); a multiple of the latent factor. "
+        "Default: latent factor x 8 (64 for SD), which any SD UNet can halve three times; smaller steps suit "
+        "small resolutions but need a UNet whose downsampling divides the latent size.")
 
     @property
     def min_image_size(self) -> int:

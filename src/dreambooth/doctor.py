@@ -347,7 +347,8 @@ def log_short_report(subject, concepts, data: DataConfig, buckets: list[Size] | 
 def run(args) -> int:
     """`dreambooth doctor`: report, contact sheet, exit status 1 on errors."""
     data = DataConfig(resolution=args.resolution, min_size=args.min_size, caption_extension=args.caption_extension,
-                      buckets=args.buckets, bucket_min_side=args.bucket_min_side, bucket_max_side=args.bucket_max_side)
+                      buckets=args.buckets, bucket_min_side=args.bucket_min_side, bucket_max_side=args.bucket_max_side,
+                      bucket_step=args.bucket_step)
     step_factor = args.latent_factor
     family = None
     if args.model:

@@ -57,8 +57,11 @@ def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> li
 
 
 def bucket_table(data, latent_factor: int) -> list[Size]:
-    """The bucket table for a `DataConfig`: its resolution, its sides (defaults filled in), the model's step."""
-    step = bucket_step(latent_factor)
+    """The bucket table for a `DataConfig`: its resolution, sides and step (defaults from the model filled in)."""
+    step = data.bucket_step if data.bucket_step is not None else bucket_step(latent_factor)
+    if step <= 0 or step % latent_factor:
+        raise DreamBoothError(f"data.bucket_step must be a positive multiple of {latent_factor} (the model's latent factor), "
+                              f"got {step}; try {bucket_step(latent_factor)}")
     min_side = data.bucket_min_side if data.bucket_min_side is not None else -(-data.resolution // 2 // step) * step
     max_side = data.bucket_max_side if data.bucket_max_side is not None else data.resolution * 2
     if data.resolution % step:

@@ -17,7 +17,8 @@ from test_train import Crash, _final_weights, crash_after_checkpoint, make_cfg
 
 from dreambooth.cli import main
 from dreambooth.config import ConceptConfig, DataConfig
-from dreambooth.data.buckets import bucket_sizes, bucket_table, class_image_counts, nearest_bucket, uses_buckets
+from dreambooth.data.buckets import (bucket_sizes, bucket_table, buckets_for, class_image_counts, nearest_bucket,
+                                     uses_buckets)
 from dreambooth.data.dataset import BucketOrder, DataOrder, DreamBoothData, Example, Positions, subject_examples
 from dreambooth.errors import DreamBoothError
 from dreambooth.models.load import FAMILIES
@@ -78,6 +79,13 @@ def test_bucket_table_defaults_and_errors():
         (64, 16), (56, 16), (48, 16), (40, 24), (32, 32), (24, 40), (16, 48), (16, 56), (16, 64)]  # the miniature world's
     with pytest.raises(DreamBoothError, match=r"data.bucket_step must be a positive multiple of 4 .* got 6; try 32"):
         bucket_table(DataConfig(resolution=32, bucket_step=6), 4)
+
+
+def test_bucket_settings_without_buckets_are_an_error():
+    assert buckets_for(DataConfig(resolution=32), FAMILIES["sd"], 2) is None
+    assert buckets_for(DataConfig(resolution=32), FAMILIES["sdxl"], 2) == GOLDEN_TINY_32
+    with pytest.raises(DreamBoothError, match="data.bucket_step is set but buckets are off.*data.buckets=true"):
+        buckets_for(DataConfig(resolution=32, bucket_step=8), FAMILIES["sd"], 2)
 
 
 def test_default_is_on_for_sdxl_only():

@@ -82,7 +82,7 @@ def cmd_class_images(args) -> None:
     cfg = config_from_args(args)
     cfg.prior.enabled = True
     cfg.validate()
-    from .data.buckets import bucket_table, uses_buckets
+    from .data.buckets import buckets_for
     from .data.dataset import subject_examples
     from .models.load import check_resolution, detect_family
     from .train import ensure_concept_class_images
@@ -90,7 +90,7 @@ def cmd_class_images(args) -> None:
     family = detect_family(cfg.model.path, cfg.model.family)
     check_resolution(cfg.data.resolution, cfg.model.path, family)
     # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
-    buckets = bucket_table(cfg.data, family.latent_factor(Path(cfg.model.path))) if uses_buckets(cfg.data, family) else None
+    buckets = buckets_for(cfg.data, family, family.latent_factor(Path(cfg.model.path)))
     concepts = cfg.resolved_concepts()
     subject = subject_examples(concepts, cfg.data) if buckets else []
     for concept in concepts:

@@ -356,9 +356,9 @@ def run(args) -> int:
 
         family = detect_family(args.model)
         step_factor = family.latent_factor(Path(args.model))
-    from .data.buckets import bucket_table, uses_buckets
+    from .data.buckets import buckets_for
 
-    buckets = bucket_table(data, step_factor) if uses_buckets(data, family) else None
+    buckets = buckets_for(data, family, step_factor)
     identifier = args.identifier or (args.instance_prompt.split()[-2] if args.instance_prompt and
                                      len(args.instance_prompt.split()) >= 2 else None)
     report, crops = examine_folder(args.folder, data, buckets, identifier, args.class_dir, args.model,

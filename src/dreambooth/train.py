@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import objective
 from .compat import check_environment
 from .config import TrainConfig, to_dict, yaml_text
-from .data.buckets import bucket_table, class_image_counts, nearest_bucket, uses_buckets
+from .data.buckets import buckets_for, class_image_counts, nearest_bucket
 from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
 from .data.dataset import DreamBoothData, Positions, class_examples, subject_examples
 from .doctor import log_short_report
@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     family = detect_family(cfg.model.path, cfg.model.family)
     check_settings(cfg, family, cfg.model.path)
     check_resolution(cfg.data.resolution, cfg.model.path, family)
-    buckets = bucket_table(cfg.data, family.latent_factor(Path(cfg.model.path))) if uses_buckets(cfg.data, family) else None
+    buckets = buckets_for(cfg.data, family, family.latent_factor(Path(cfg.model.path)))  # None: square crops
     out = Path(cfg.train.output_dir)
     finish_swap(out)  # complete an export that a kill interrupted
     # accelerate keeps its settings in a process-wide singleton; clear them (not the process group)

@@ -76,6 +76,17 @@ def uses_buckets(data, family) -> bool:
     return data.buckets if data.buckets is not None else bool(getattr(family, "buckets_by_default", False))
 
 
+def buckets_for(data, family, latent_factor: int) -> list[Size] | None:
+    """The bucket table this model trains with, or None without buckets (then no bucket_* setting may be given)."""
+    if uses_buckets(data, family):
+        return bucket_table(data, latent_factor)
+    given = [k for k in ("bucket_min_side", "bucket_max_side", "bucket_step") if getattr(data, k) is not None]
+    if given:
+        raise DreamBoothError(f"data.{given[0]} is set but buckets are off for this model: set data.buckets=true "
+                              f"to use it, or remove it")
+    return None
+
+
 def nearest_bucket(width: int, height: int, sizes: list[Size]) -> Size:
     """The bucket whose aspect ratio is nearest the photo's, compared as log(width / height).
 

@@ -108,6 +108,16 @@ def test_unreadable_photo_is_an_error_and_a_missing_folder_a_one_line_failure(tm
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_without_buckets_a_wide_photo_warns_that_the_square_crop_drops_its_ends(tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    noise(96, 48, 0).save(folder / "wide.png")
+    noise(44, 40, 1).save(folder / "nearly_square.png")
+    report, _ = examine_folder(folder, DataConfig(resolution=32, min_size=16), None)
+    assert report.warnings == ["wide.png: the square centre crop keeps only 50% of this 96x48 photo: check on the contact "
+                               "sheet that the subject is in it, or train with data.buckets=true"]
+
+
 def test_class_folder_provenance(tmp_path, awkward):
     managed = tmp_path / "class"
     (managed / "32x32").mkdir(parents=True)

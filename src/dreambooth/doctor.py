@@ -40,6 +40,9 @@ measured on the crop, so the value does not depend on the photo's own pixel coun
 NEAR_DUPLICATE_BITS = 6
 """Near duplicates: 64-bit perceptual hashes (`imagehash.phash`) at most this many bits apart."""
 
+CROP_KEEPS = 0.7
+"""Without buckets, warn when the square crop keeps less than this share of a photo (e.g. of a 3:2 or 16:9 one)."""
+
 EXIF_ORIENTATION = 0x0112
 
 
@@ -151,6 +154,10 @@ def examine(entries: list[tuple[Path, Image.Image | None, str | None]], data: Da
             need = f"{math.ceil(image.width * r.upscale)}x{math.ceil(image.height * r.upscale)}"
             r.warnings.append(f"too small for its {h}x{w} bucket (height x width): enlarged x{r.upscale:.2f}, which "
                               f"blurs it; use a photo of at least {need} pixels (width x height)")
+        kept = min(image.width / image.height, image.height / image.width) if buckets is None else 1.0
+        if kept < CROP_KEEPS:  # without buckets a square crop of a wide or tall photo drops its ends
+            r.warnings.append(f"the square centre crop keeps only {kept:.0%} of this {image.width}x{image.height} photo: "
+                              "check on the contact sheet that the subject is in it, or train with data.buckets=true")
         crop = crops[r.file] = training_crop(image, r.bucket)
         r.blur = round(laplacian_variance(crop), 1)
         if r.blur < blur_threshold:

@@ -258,7 +258,7 @@ def render(results: dict[str, dict], n: int = 32) -> str:
             rows.append(([sampler[0].upper(), str(sampler[1]), label], _get(results, key, step, sampler)))
     out += [_table(["sampler", "steps", "model"], rows), ""]
 
-    out += ["**Aspect ratios** (demo settings, 800 steps; mixed: 1 square photo and 4 in 64x32 / 32x64 frames with the "
+    out += ["**Aspect ratios** (demo settings, 800 and 1600 steps, three training seeds; mixed: 1 square photo and 4 in 64x32 / 32x64 frames with the "
             "subject's 32x32 scene at one end; buckets: data.bucket_step=8, buckets 64x16 .. 16x64, class images "
             "generated at the bucket sizes)", ""]
     rows = [(["square", "square centre crop", "800", "0"], _get(results, f"lr-{lr_name(MID_LR)}", 800))]

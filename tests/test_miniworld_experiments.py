@@ -64,3 +64,21 @@ def test_sweep_names_every_run_the_tables_use():
     keys = {r.key for r in experiments.runs()}
     assert {"lr-3e-5", "lr-1e-4", "lr-3e-4", "no-prior", "frozen-te", "overfit", "overfit-onset"} <= keys
     assert {f"subject-{s}" for s in world.SUBJECTS if s != experiments.SUBJECT} <= keys
+
+
+def test_aspect_ratio_runs_and_their_table():
+    """The mixed-aspect photos (one square, four 64x32 / 32x64 frames) and the table's per-seed and mean rows."""
+    sizes = [im.size for im in world.mixed_aspect_images("banded_heart")]
+    assert sizes == [(32, 32), (64, 32), (64, 32), (32, 64), (32, 64)]
+    keys = {r.key for r in experiments.runs()}
+    assert {f"aspect-{m}-seed{s}" for m in ("crop", "buckets") for s in experiments.ASPECT_SEEDS} <= keys
+
+    def metrics(x):
+        return {"subject_fidelity": x, "prompt_fidelity": x / 2, "class_drift": 0.0, "roughness": 0.02,
+                "class_diversity": {"shape": 1.0, "colour": x}, "prompt_following": {"all": 0.5}}
+
+    results = {f"aspect-buckets-seed{s}": {"800|ddim|25": metrics(v)} for s, v in zip(experiments.ASPECT_SEEDS, (0.2, 0.4, 0.6))}
+    tables = experiments.render(results, n=4)
+    assert "| mixed | buckets | 800 | 1 | 0.40 | 0.20 | 0.00 | 1.00 / 0.40 | 0.50 | 0.020 |" in tables
+    assert "| mixed | buckets | 800 | mean | 0.40 | 0.20 | 0.00 | 1.00 / 0.40 | 0.50 | 0.020 |" in tables
+    assert "| mixed | square centre crop | 800 | mean | (not run) |" in tables

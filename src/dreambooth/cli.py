@@ -1,4 +1,4 @@
-"""Command line: `dreambooth train | class-images | sample`.
+"""Command line: `dreambooth train | class-images | sample | demo | evaluate | doctor`.
 
 `train` and `class-images` take every `TrainConfig` field as a dotted flag (`--optim.lr 2e-6`),
 generated from the dataclasses, so the flags, the YAML files and `--help` cannot drift apart.
@@ -82,15 +82,20 @@ def cmd_class_images(args) -> None:
     cfg = config_from_args(args)
     cfg.prior.enabled = True
     cfg.validate()
-    from .data.class_images import ensure_class_images
+    from .data.buckets import buckets_for
+    from .data.dataset import subject_examples
     from .models.load import check_resolution, detect_family, model_folder
-    from .train import class_image_settings
+    from .train import ensure_concept_class_images
 
-    model_dir = model_folder(cfg.model)
-    check_resolution(cfg.data.resolution, model_dir, detect_family(model_dir, cfg.model.family))
-    for concept in cfg.resolved_concepts():
-        files = ensure_class_images(model_dir, concept.class_dir, class_image_settings(cfg, concept),
-                                    user_supplied=concept.class_images_user_supplied, device=_device())
+    model_dir = model_folder(cfg.model)  # a single-file model.path: its converted (cached) folder
+    family = detect_family(model_dir, cfg.model.family)
+    check_resolution(cfg.data.resolution, model_dir, family)
+    # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
+    buckets = buckets_for(cfg.data, family, family.latent_factor(model_dir))
+    concepts = cfg.resolved_concepts()
+    subject = subject_examples(concepts, cfg.data) if buckets else []
+    for concept in concepts:
+        files = ensure_concept_class_images(cfg, concept, subject, buckets, model_dir, device=_device())
         print(f"{len(files)} class images for {concept.class_prompt!r} in {concept.class_dir}")
 
 
@@ -164,6 +169,12 @@ def cmd_evaluate(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"written to {args.json}")
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-base", default=None, help="base for a LoRA output whose config.yaml path moved")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("doctor", help="check a folder of photos before training: buckets, duplicates, blur, captions",
+                       description="Report what training will make of a folder of photos: each photo's size, aspect, "
+                       "bucket, EXIF rotation, pixel mode and caption; exact and near duplicates, blurry photos, photos too "
+                       "small for their bucket, the class folder's provenance. Writes a contact sheet of the training "
+                       "crops. Exits 1 if there are errors.")
+    p.add_argument("folder", help="the folder of subject photos (concept.instance_dir)")
+    p.add_argument("--model", default=None, help="the base model folder: its latent factor sets the bucket step, its "
+                   "family the bucket default, its fingerprint the class-folder check")
+    p.add_argument("--resolution", type=int, default=512, help="data.resolution (default: 512)")
+    p.add_argument("--buckets", default=None, type=lambda v: v.lower() in {"true", "1", "on", "yes"}, metavar="BOOL",
+                   help="data.buckets (default: the model's family default, off without --model)")
+    p.add_argument("--bucket-min-side", type=int, default=None, help="data.bucket_min_side (default: resolution / 2)")
+    p.add_argument("--bucket-max-side", type=int, default=None, help="data.bucket_max_side (default: resolution x 2)")
+    p.add_argument("--bucket-step", type=int, default=None, help="data.bucket_step (default: latent factor x 8)")
+    p.add_argument("--latent-factor", type=int, default=8, help="without --model: the VAE's factor (bucket step = factor "
+                   "x 8; 8 for SD/SDXL, 1 for IF)")
+    p.add_argument("--min-size", type=int, default=None, help="data.min_size (default: resolution / 2)")
+    p.add_argument("--caption-extension", default=".txt", help="data.caption_extension (default: .txt)")
+    p.add_argument("--identifier", default=None, help="the subject's identifier that captions should contain (e.g. sks)")
+    p.add_argument("--instance-prompt", default=None, help="concept.instance_prompt; its word before the last is the "
+                   "identifier when --identifier is not given")
+    p.add_argument("--class-dir", default=None, help="a class-image folder to report on (generated or your own)")
+    p.add_argument("--blur-threshold", type=float, default=None,
+                   help="blurry below this variance of the Laplacian of the training crop (default: 100)")
+    p.add_argument("--contact-sheet", default=None, help="where to write the PNG (default: FOLDER-contact-sheet.png "
+                   "beside the folder, never inside it, where training would take it for a photo)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -289,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        status = args.func(args)
     except DreamBoothError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0  # a command may return its own exit status (doctor: 1 when it found errors)
 
 
 if __name__ == "__main__":

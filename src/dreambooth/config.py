@@ -79,6 +79,16 @@ class DataConfig:
     random_flip: bool = _f(False, "Flip images horizontally at random (an augmentation; avoid for asymmetric subjects or text).")
     min_size: Optional[int] = _f(None, "Refuse images whose shorter side is below this many pixels. Default: resolution / 2.")
     caption_extension: str = _f(".txt", "Per-image caption files: 'photo.txt' beside 'photo.png' replaces the instance prompt.")
+    buckets: Optional[bool] = _f(
+        None, "Aspect-ratio buckets: each photo trains at the (height, width) of about resolution^2 pixels nearest its "
+        "own aspect ratio (sides multiples of the latent factor x 8: 64 px for SD), instead of a square centre crop; "
+        "class images are generated at the bucket sizes. Default: the family's (on for SDXL, off for SD 1.x/2.x and IF).")
+    bucket_min_side: Optional[int] = _f(None, "Shortest bucket side in pixels (with data.buckets). Default: resolution / 2, rounded up to the step.")
+    bucket_max_side: Optional[int] = _f(None, "Longest bucket side in pixels (with data.buckets). Default: resolution x 2.")
+    bucket_step: Optional[int] = _f(
+        None, "Bucket sides are multiples of this many pixels (with data.buckets); a multiple of the latent factor. "
+        "Default: latent factor x 8 (64 for SD), which any SD UNet can halve three times; smaller steps suit "
+        "small resolutions but need a UNet whose downsampling divides the latent size.")
 
     @property
     def min_image_size(self) -> int:

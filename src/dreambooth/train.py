@@ -15,6 +15,7 @@ dreambooth.cli train ...`); nothing here is device- or topology-specific.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ from . import checkpoint as ckpt
 from . import objective
 from .compat import check_environment
 from .config import TrainConfig, to_dict, yaml_text
+from .data.buckets import buckets_for, class_image_counts, nearest_bucket
 from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
 from .data.dataset import DreamBoothData, Positions, class_examples, subject_examples
+from .doctor import log_short_report
 from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
@@ -66,6 +69,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     family = detect_family(model_dir, cfg.model.family)
     check_settings(cfg, family, model_dir)
     check_resolution(cfg.data.resolution, model_dir, family)
+    buckets = buckets_for(cfg.data, family, family.latent_factor(model_dir))  # None: square crops
     out = Path(cfg.train.output_dir)
     finish_swap(out)  # complete an export that a kill interrupted
     # accelerate keeps its settings in a process-wide singleton; clear them (not the process group)
@@ -91,6 +95,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     comps = family.load(model_dir, cfg.model.vae_path)
     concepts = cfg.resolved_concepts()
     subject = subject_examples(concepts, cfg.data, without_identifier=not family.trains_with_identifier)
+    if accelerator.is_main_process:  # `dreambooth doctor`'s checks on the decoded photos, as warnings
+        log_short_report(subject, concepts, cfg.data, buckets, check_identifier=family.trains_with_identifier)
     fingerprint = model_fingerprint(model_dir)
     resume_from = ckpt.latest_checkpoint(out) if cfg.train.resume else None
     if cfg.train.resume and resume_from is None:
@@ -105,14 +111,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     klass = []
     if cfg.prior.enabled:
         with accelerator.main_process_first():  # one process generates; the others then find and reuse the images
-            files = [ensure_class_images(model_dir, c.class_dir, class_image_settings(cfg, c),
-                                         user_supplied=c.class_images_user_supplied,
-                                         device=accelerator.device,
-                                         dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
+            files = [ensure_concept_class_images(cfg, c, subject, buckets, model_dir, device=accelerator.device,
+                                                 dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
                      for c in concepts]
         klass = class_examples(files, concepts, cfg.data)
     accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
-    data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed, Positions(cfg.train.batch_size, accum, world, rank))
+    data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed, Positions(cfg.train.batch_size, accum, world, rank),
+                          buckets=buckets)
 
     # 3. what trains, memory options, optimizer
     torch.manual_seed(cfg.train.seed)  # adapter init and dropout draw from the global RNG
@@ -243,6 +248,27 @@ def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
                               scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
                               guidance_scale=p.guidance_scale, negative_prompt=p.negative_prompt, seed=p.seed,
                               batch_size=p.batch_size)
+
+
+def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, model_dir: Path, device,
+                                dtype=torch.float32) -> list[Path]:
+    """A concept's class images: at data.resolution square, or with buckets at the bucket sizes they will be used at.
+
+    Bucketed, `prior.num_class_images` is split over the buckets of the concept's photos in proportion
+    to their counts, each bucket's images in their own sub-folder CLASS_DIR/<height>x<width>.
+    A folder of the user's own class images is used as it is (its images join the nearest bucket).
+    """
+    settings = class_image_settings(cfg, concept)
+    if buckets is None or concept.class_images_user_supplied:
+        return ensure_class_images(model_dir, concept.class_dir, settings, user_supplied=concept.class_images_user_supplied,
+                                   device=device, dtype=dtype)
+    folder = Path(concept.instance_dir).absolute()
+    sizes = [nearest_bucket(e.image.width, e.image.height, buckets) for e in subject if e.path.parent == folder]
+    files = []
+    for (h, w), n in class_image_counts(sizes, cfg.prior.num_class_images).items():
+        files += ensure_class_images(model_dir, Path(concept.class_dir) / f"{h}x{w}",
+                                     dataclasses.replace(settings, num_images=n, size=(h, w)), device=device, dtype=dtype)
+    return files
 
 
 def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> None:

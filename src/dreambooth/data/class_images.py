@@ -111,6 +111,8 @@ class ClassImageSettings:
     """Image i is generated with seed `seed + i`."""
     batch_size: int = 4
     """Images per pipeline call; a memory/speed trade-off that does not change the images."""
+    size: tuple[int, int] | None = None
+    """(height, width) of a non-square aspect-ratio bucket; None = `resolution` square."""
 
     def __post_init__(self):
         for name in ("num_images", "resolution", "num_inference_steps", "batch_size"):
@@ -208,6 +210,8 @@ def _provenance(settings: ClassImageSettings, fingerprint: str) -> dict:
         "steps": settings.num_inference_steps,
         "guidance_scale": settings.guidance_scale,
         "resolution": settings.resolution,
+        # Only bucketed images record a size, so square images made before buckets existed stay valid.
+        **({"size": list(settings.size)} if settings.size is not None else {}),
     }
 
 
@@ -226,8 +230,8 @@ def _generate(model_dir, class_dir, settings, expected, kept, missing, load_pipe
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,
                 negative_prompt=settings.negative_prompt,
-                height=settings.resolution,
-                width=settings.resolution,
+                height=settings.size[0] if settings.size else settings.resolution,
+                width=settings.size[1] if settings.size else settings.resolution,
                 batch_size=settings.batch_size,
             )
             for i, image in zip(indices, images):

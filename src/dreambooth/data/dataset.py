@@ -10,10 +10,15 @@ take their own positions.
 
 Pairing follows the paper and diffusers: index i of an epoch pairs subject example i mod N_s with
 class example i mod N_c, and an epoch has max(N_s, N_c) indices.
+
+With aspect-ratio buckets (`buckets.py`) each photo trains at its bucket's (height, width) and every
+micro-batch comes from one bucket: `BucketOrder` gives each bucket a `DataOrder` of its own and
+deals micro-batches out to the buckets; crops and flips are drawn as above.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from PIL import Image
 
 from ..config import ConceptConfig, DataConfig
 from ..errors import DreamBoothError
+from .buckets import Size, check_class_buckets, nearest_bucket
 from .images import TrainingImage, crop_box, list_images, load_images, read_caption, to_tensor
 
 
@@ -41,12 +47,16 @@ def subject_examples(concepts: list[ConceptConfig], data: DataConfig, without_id
     for concept in concepts:
         paths = list_images(concept.instance_dir, "instance")
         for path, image in zip(paths, load_images(paths, data.min_image_size)):
-            caption = read_caption(path) if data.caption_extension == ".txt" else _read_other_caption(path, data)
-            prompt = caption or concept.instance_prompt
+            prompt = caption_of(path, data) or concept.instance_prompt
             if without_identifier:
                 prompt = " ".join(w for w in prompt.split() if w != concept.resolved_identifier)
             examples.append(Example(path, prompt, image))
     return examples
+
+
+def caption_of(path: Path, data: DataConfig) -> str | None:
+    """The caption file beside a photo (data.caption_extension), or None if it has none."""
+    return read_caption(path) if data.caption_extension == ".txt" else _read_other_caption(path, data)
 
 
 def _read_other_caption(path: Path, data: DataConfig) -> str | None:
@@ -89,6 +99,49 @@ class DataOrder:
         return torch.Generator().manual_seed(self.seed * 7_919 + 104_729 * position + 1)
 
 
+class BucketOrder:
+    """Which bucket and which (subject, class) pairs a micro-batch gets, with aspect-ratio buckets.
+
+    Each bucket b has its own stream, a `DataOrder` over its own subject and class examples (so
+    pairing and epochs within a bucket are the unbucketed ones). Micro-batches are dealt out in
+    rounds of K = sum over b of k_b, k_b = ceil(max(N_s(b), N_c(b)) / batch): round r holds k_b
+    micro-batches of bucket b, in an order drawn from a generator seeded by (seed, r). Micro-batch
+    m is number m % K of round m // K; being bucket b's j-th in its round, it takes positions
+    (r * k_b + j) * batch ... + batch - 1 of b's stream. All of it is a function of (seed, m).
+
+    With a single bucket this is exactly `DataOrder` (its stream, seed and positions are the
+    unbucketed ones), so square photos train identically with buckets on or off.
+    """
+
+    def __init__(self, subject_sizes: list[Size], class_sizes: list[Size], batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+        self.sizes = sorted(set(subject_sizes))
+        self.subject = {b: [i for i, s in enumerate(subject_sizes) if s == b] for b in self.sizes}
+        self.klass = {b: [i for i, s in enumerate(class_sizes) if s == b] for b in self.sizes}
+        self.orders = {b: DataOrder(len(self.subject[b]), len(self.klass[b]), seed + 7_919 * k)
+                       for k, b in enumerate(self.sizes)}
+        self.per_round = {b: math.ceil(self.orders[b].epoch_len / batch_size) for b in self.sizes}
+        self.round_len = sum(self.per_round.values())
+        self._rounds: dict[int, list[Size]] = {}
+
+    def _round(self, r: int) -> list[Size]:
+        if r not in self._rounds:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + r + 500_009)  # apart from the buckets' own streams
+            dealt = [b for b in self.sizes for _ in range(self.per_round[b])]
+            self._rounds = {r: [dealt[i] for i in torch.randperm(len(dealt), generator=g).tolist()]}  # keep one round
+        return self._rounds[r]
+
+    def batch(self, micro_index: int) -> tuple[Size, list[tuple[int, int | None]]]:
+        """Micro-batch `micro_index` of the stream: its bucket and its (subject, class) index pairs."""
+        r, n = divmod(micro_index, self.round_len)
+        schedule = self._round(r)
+        bucket = schedule[n]
+        first = (r * self.per_round[bucket] + schedule[:n].count(bucket)) * self.batch_size
+        subject, klass = self.subject[bucket], self.klass[bucket]
+        pairs = [self.orders[bucket].pair(q) for q in range(first, first + self.batch_size)]
+        return bucket, [(subject[s], klass[c] if c is not None else None) for s, c in pairs]
+
+
 @dataclass
 class Batch:
     examples: list[Example]  # subject examples first, then class examples
@@ -118,22 +171,36 @@ class Positions:
 
 
 class DreamBoothData:
-    """Builds the micro-batch for any stream position range."""
+    """Builds the micro-batch for any stream position range.
+
+    buckets: the bucket table (`buckets.bucket_table`), or None to train every example at
+    data.resolution square. Subject photos go to the bucket nearest their aspect ratio, class
+    images to the nearest of the buckets the subject photos use (generated ones were made there).
+    """
 
     def __init__(self, subject: list[Example], klass: list[Example], data: DataConfig, seed: int,
-                 positions: Positions = Positions()):
+                 positions: Positions = Positions(), buckets: list[Size] | None = None):
         if not subject:
             raise DreamBoothError("no subject images: check concept.instance_dir")
         self.subject, self.klass, self.data, self.positions = subject, klass, data, positions
-        self.order = DataOrder(len(subject), len(klass), seed)
-        self.size = (data.resolution, data.resolution)  # (height, width) of every training crop
+        self.order = DataOrder(len(subject), len(klass), seed)  # unbucketed pairing, and every crop/flip draw
+        self.size = (data.resolution, data.resolution)  # (height, width) of every crop without buckets
+        self.bucket_order: BucketOrder | None = None
+        self.sizes: dict[str, list[Size]] = {"subject": [self.size] * len(subject), "class": [self.size] * len(klass)}
+        if buckets is not None:
+            subject_sizes = [nearest_bucket(e.image.width, e.image.height, buckets) for e in subject]
+            used = sorted(set(subject_sizes))
+            class_sizes = [nearest_bucket(e.image.width, e.image.height, used) for e in klass]
+            check_class_buckets(subject_sizes, class_sizes, ", ".join(sorted({str(e.path.parent) for e in klass if e.path})))
+            self.sizes = {"subject": subject_sizes, "class": class_sizes}
+            self.bucket_order = BucketOrder(subject_sizes, class_sizes, positions.batch_size, seed)
 
     def image(self, kind: str, index: int, position: int | None = None) -> TrainingImage:
-        """One example's training crop; `position` seeds crop/flip when augmenting."""
+        """One example's training crop at its bucket's size; `position` seeds crop/flip when augmenting."""
         example = (self.subject if kind == "subject" else self.klass)[index]
         g = self.order.augmentation_generator(position) if position is not None else None
         flip = bool(self.data.random_flip and torch.rand((), generator=g) < 0.5) if g is not None else False
-        return to_tensor(example.image, self.size, center_crop=self.data.center_crop, flip=flip, generator=g)
+        return to_tensor(example.image, self.sizes[kind][index], center_crop=self.data.center_crop, flip=flip, generator=g)
 
     def pixels(self, kind: str, index: int, position: int | None = None) -> torch.Tensor:
         """One example's training tensor (3, H, W)."""
@@ -144,9 +211,15 @@ class DreamBoothData:
         return self.batch(self.positions.first(step, micro), self.positions.batch_size, with_pixels)
 
     def batch(self, first_position: int, batch_size: int, with_pixels: bool) -> Batch:
+        if self.bucket_order is None:
+            size, pairs = self.size, [self.order.pair(p) for p in range(first_position, first_position + batch_size)]
+        else:  # one bucket per micro-batch: positions come in whole micro-batches (`Positions.first`)
+            if first_position % batch_size or batch_size != self.bucket_order.batch_size:
+                raise ValueError(f"bucketed batches start at multiples of {self.bucket_order.batch_size}, "
+                                 f"got positions {first_position}..+{batch_size}")
+            size, pairs = self.bucket_order.batch(first_position // batch_size)
         subject_idx, class_idx = [], []
-        for p in range(first_position, first_position + batch_size):
-            s, c = self.order.pair(p)
+        for p, (s, c) in enumerate(pairs, start=first_position):
             subject_idx.append((s, p))
             if c is not None:
                 class_idx.append((c, p))
@@ -161,5 +234,5 @@ class DreamBoothData:
             sizes, offsets = [c.original_size for c in crops], [c.crop_top_left for c in crops]
         else:  # latents are cached only without augmentation: every crop is the deterministic centre crop
             sizes = [(e.image.height, e.image.width) for e in examples]
-            offsets = [crop_box(e.image.width, e.image.height, self.size)[1:] for e in examples]
-        return Batch(examples, is_prior, pixels, keys, sizes, offsets, self.size)
+            offsets = [crop_box(e.image.width, e.image.height, size)[1:] for e in examples]
+        return Batch(examples, is_prior, pixels, keys, sizes, offsets, size)

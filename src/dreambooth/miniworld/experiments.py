@@ -41,6 +41,7 @@ class Run:
     steps: tuple[int, ...] = (800,)  # measured after each of these optimizer steps
     subject: str = SUBJECT
     samplers: tuple[tuple[str, int], ...] = (DEFAULT_SAMPLER,)  # measured with each, at the last step only
+    mixed_aspect: bool = False  # instance photos in wide and tall frames, subject off-centre (world.mixed_aspect_images)
 
     def cost(self) -> float:  # rough relative CPU cost, to start the longest runs first
         return self.steps[-1] + 200 * len(self.steps) + sum(s for _, s in self.samplers) * 8
@@ -58,7 +59,15 @@ def runs() -> list[Run]:
         # and the onset of overfitting: high learning rate with prior preservation, 400 steps
         Run("overfit-onset", {"optim.lr": HIGH_LR}, (400,), samplers=(DEFAULT_SAMPLER, *SAMPLERS)),
         *[Run(f"subject-{name}", {}, (800,), subject=name) for name in world.SUBJECTS if name != SUBJECT],
+        # mixed aspect ratios: square centre crops against buckets, three training seeds each
+        *[Run(f"aspect-{mode}-seed{seed}", {**overrides, "train.seed": seed}, ASPECT_STEPS, mixed_aspect=True)
+          for mode, overrides in (("crop", {}), ("buckets", BUCKETS)) for seed in ASPECT_SEEDS],
     ]
+
+
+# Step 8 px: at 32 px the latent factor x 8 = 32 px step leaves only the square bucket.
+BUCKETS = {"data.buckets": True, "data.bucket_step": 8, "data.bucket_min_side": 16}  # buckets 64x16 .. 16x64
+ASPECT_STEPS, ASPECT_SEEDS = (800, 1600), (0, 1, 2)
 
 
 def lr_name(lr: float) -> str:
@@ -108,7 +117,7 @@ def run_one(run: Run, workdir: Path, n: int = 32, seed: int = 0, base_dir: Path 
     folder = workdir / run.key
     results_path = folder / "results.json"
     results = _load(results_path)
-    world.write_instance_images(run.subject, folder / "instance_images")
+    world.write_instance_images(run.subject, folder / "instance_images", mixed_aspect=run.mixed_aspect)
     classifier = load_classifier(classifier_dir)
     gap = min(b - a for a, b in zip((0, *run.steps), run.steps))
     for i, step in enumerate(run.steps):
@@ -249,11 +258,35 @@ def render(results: dict[str, dict], n: int = 32) -> str:
             rows.append(([sampler[0].upper(), str(sampler[1]), label], _get(results, key, step, sampler)))
     out += [_table(["sampler", "steps", "model"], rows), ""]
 
+    out += ["**Aspect ratios** (demo settings, 800 and 1600 steps, three training seeds; mixed: 1 square photo and 4 in 64x32 / 32x64 frames with the "
+            "subject's 32x32 scene at one end; buckets: data.bucket_step=8, buckets 64x16 .. 16x64, class images "
+            "generated at the bucket sizes)", ""]
+    rows = [(["square", "square centre crop", "800", "0"], _get(results, f"lr-{lr_name(MID_LR)}", 800))]
+    for mode, label in (("crop", "square centre crop"), ("buckets", "buckets")):
+        for step in ASPECT_STEPS:
+            per_seed = [_get(results, f"aspect-{mode}-seed{seed}", step) for seed in ASPECT_SEEDS]
+            rows += [(["mixed", label, str(step), str(seed)], m) for seed, m in zip(ASPECT_SEEDS, per_seed)]
+            rows.append((["mixed", label, str(step), "mean"], _mean(per_seed)))
+    out += [_table(["photos", "crops", "steps", "train seed"], rows), ""]
+
     out += ["**Other subjects** (demo settings: lr 1e-4, 800 steps)", ""]
     rows = [([name, f"{s.shape}, {s.pattern}", ", ".join(s.heldout_backgrounds)],
              _get(results, f"subject-{name}" if name != SUBJECT else f"lr-{lr_name(MID_LR)}", 800)) for name, s in world.SUBJECTS.items()]
     out += [_table(["subject", "shape, pattern", "held-out backgrounds"], rows)]
     return "\n".join(out)
+
+
+def _mean(metrics: list[Optional[dict]]) -> Optional[dict]:
+    """The mean of several runs' metrics (numbers and nested dicts of numbers); None if any run is missing."""
+    if not metrics or any(m is None for m in metrics):
+        return None
+
+    def mean(values):
+        if isinstance(values[0], dict):
+            return {k: mean([v[k] for v in values]) for k in values[0] if all(k in v for v in values)}
+        return sum(values) / len(values) if isinstance(values[0], (int, float)) else values[0]
+
+    return mean(metrics)
 
 
 BEGIN, END = "<!-- miniworld-experiments:begin -->", "<!-- miniworld-experiments:end -->"

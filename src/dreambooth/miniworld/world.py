@@ -322,12 +322,33 @@ def instance_images(name: str, n: int = 5) -> list[Image.Image]:
     return [render(s) for s in instance_scenes(name, n)]
 
 
-def write_instance_images(name: str, folder: str | Path, n: int = 5) -> list[Path]:
-    """Write subject `name`'s instance images as PNGs (`<name>_00.png`, ...) to `folder`."""
+FRAMES = (None, "left", "right", "top", "bottom")  # where the 32x32 scene sits in a mixed-aspect photo
+
+
+def mixed_aspect_images(name: str, n: int = 5) -> list[Image.Image]:
+    """The instance scenes in mixed frames: one square, then 64x32 and 32x64 photos with the subject's
+    scene at the left, right, top or bottom (the rest is plain background), as photos framed off-centre.
+    A square centre crop of those cuts the subject in half; aspect-ratio buckets keep it."""
+    images = []
+    for i, scene in enumerate(instance_scenes(name, n)):
+        where = FRAMES[i % len(FRAMES)]
+        image = render(scene)
+        if where is not None:
+            size = (2 * SIZE, SIZE) if where in ("left", "right") else (SIZE, 2 * SIZE)
+            frame = Image.new("RGB", size, BACKGROUNDS[scene.background])  # the scene's own flat background: seamless
+            frame.paste(image, (SIZE if where == "right" else 0, SIZE if where == "bottom" else 0))
+            image = frame
+        images.append(image)
+    return images
+
+
+def write_instance_images(name: str, folder: str | Path, n: int = 5, mixed_aspect: bool = False) -> list[Path]:
+    """Write subject `name`'s instance images as PNGs (`<name>_00.png`, ...) to `folder`
+    (`mixed_aspect`: in the wide and tall frames of `mixed_aspect_images`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(instance_images(name, n)):
+    for i, img in enumerate(mixed_aspect_images(name, n) if mixed_aspect else instance_images(name, n)):
         path = folder / f"{name}_{i:02d}.png"
         img.save(path)
         paths.append(path)

@@ -89,6 +89,7 @@ class ModelFamily(Protocol):
     refuses: dict[str, str]  # "section.field=value" -> why this family cannot train with it
     single_file: dict[str, str] | None  # part -> key prefix in the one-file layout A1111/ComfyUI read; None: no such layout
     trains_with_identifier: bool  # False: prompts lose concept.identifier (an upscaler learns the look, not the name)
+    buckets_by_default: bool  # data.buckets when unset (optional: a family that omits it trains unbucketed)
 
     def latent_factor(self, model_dir: Path) -> int:
         """Pixels per latent along each side, read from the folder's configs (no weights loaded)."""

@@ -49,6 +49,7 @@ class StableDiffusionXLFamily:
     # The SGM single-file layout: CLIP ViT-L is the conditioner's embedder 0, OpenCLIP bigG embedder 1.
     single_file = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                    "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+    buckets_by_default = True  # SDXL was trained on aspect-ratio buckets, with original size and crop as time ids
     refuses = {"export.save_text_encoder=False": "StableDiffusionXLPipeline cannot load without its text encoders"}
 
     def latent_factor(self, model_dir: Path) -> int:

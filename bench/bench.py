@@ -161,6 +161,8 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="a training preset (fast, low-memory, ...) under the other settings")
     p.add_argument("--resolution", type=int, default=None, help="default: the architecture's")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="keep the random-weight model here and reuse it if it is already there (default: a temp folder)")
     p.add_argument("--no-flops", action="store_true",
                    help="skip the FLOP count (a full-activation fp32 forward + backward: sd15 at 512 px needs ~20 GB on CPU)")
     args = p.parse_args()
@@ -179,7 +181,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        model = build_in_child(tmp / "model", args.arch)
+        if args.model_dir and (args.model_dir / "model_index.json").is_file():
+            model = args.model_dir  # built by an earlier run (bench/gpu_suite.sh builds each architecture once)
+        else:
+            model = build_in_child(args.model_dir or tmp / "model", args.arch)
         build_seconds = time.perf_counter() - t0
         write_photos(tmp / "photos", 5, seed=0, size=resolution)
         write_photos(tmp / "class", 5, seed=1, size=resolution)

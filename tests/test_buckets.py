@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from test_sdxl import make_cfg as sdxl_cfg
-from test_train import Crash, _final_weights, crash_after_checkpoint, make_cfg
+from test_train import _final_weights, make_cfg, straight_and_resumed
 
 from dreambooth.cli import main
 from dreambooth.config import ConceptConfig, DataConfig
@@ -264,16 +264,9 @@ def test_resume_is_exact_with_buckets(tiny_sd_dir, tmp_path, monkeypatch):
     settings = dict(train={"max_steps": 4, "gradient_accumulation_steps": 2}, checkpoint={"every_n_steps": 2},
                     data={"random_flip": True, "center_crop": False, "buckets": True}, text_encoder={"train": False},
                     prior={"num_class_images": 3})
-    continuous = train(make_cfg(tiny_sd_dir, photos, tmp_path / "a", **settings))
-    out = tmp_path / "b"
-    shutil.copytree(tmp_path / "a" / "class_images", out / "class_images")
-    crash_after_checkpoint(monkeypatch, at_step=2)
-    with pytest.raises(Crash):
-        train(make_cfg(tiny_sd_dir, photos, out, **settings))
-    monkeypatch.undo()
-    resumed = train(make_cfg(tiny_sd_dir, photos, out, **{**settings, "train": {**settings["train"], "resume": True}}))
+    continuous, resumed = straight_and_resumed(tiny_sd_dir, photos, tmp_path, monkeypatch, settings, crash_at=2)
     assert [resumed.losses[s] for s in (3, 4)] == [continuous.losses[s] for s in (3, 4)]  # bitwise
-    a, b = _final_weights(tmp_path / "a", "full"), _final_weights(out, "full")
+    a, b = _final_weights(tmp_path / "a", "full"), _final_weights(tmp_path / "b", "full")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from test_train import Crash, crash_after_checkpoint, make_cfg
+from test_train import make_cfg, straight_and_resumed
 
 from dreambooth import bf16_adamw
 from dreambooth.bf16_adamw import AdamWStochasticRounding, stochastic_round_
@@ -145,14 +145,8 @@ def test_fused_backward_resume_is_exact(tiny_sd_dir, photos, tmp_path, monkeypat
     memory = {"weights_dtype": "bf16", "mixed_precision": "bf16"} if weights == "bf16" else {}
     settings = dict(train={"max_steps": 6}, checkpoint={"every_n_steps": 2}, text_encoder={"stop_step": 3},
                     optim={"max_grad_norm": None, "fused_backward": True, "moments_dtype": moments}, memory=memory)
-    continuous = train(make_cfg(tiny_sd_dir, photos, tmp_path / "a", **settings))
+    continuous, resumed = straight_and_resumed(tiny_sd_dir, photos, tmp_path, monkeypatch, settings, crash_at=2)
     out = tmp_path / "b"
-    shutil.copytree(tmp_path / "a" / "class_images", out / "class_images")
-    crash_after_checkpoint(monkeypatch, at_step=2)
-    with pytest.raises(Crash):
-        train(make_cfg(tiny_sd_dir, photos, out, **settings))
-    monkeypatch.undo()
-    resumed = train(make_cfg(tiny_sd_dir, photos, out, **{**settings, "train": {"max_steps": 6, "resume": True}}))
     assert [resumed.losses[s] for s in range(3, 7)] == [continuous.losses[s] for s in range(3, 7)]
     from test_train import _final_weights
 

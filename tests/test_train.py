@@ -57,6 +57,21 @@ def crash_after_checkpoint(monkeypatch, at_step):
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
 
 
+def straight_and_resumed(model, photos, tmp_path, monkeypatch, settings: dict, crash_at: int):
+    """Train `settings` in one go (tmp_path/a), and again (tmp_path/b) with a crash right after the
+    checkpoint at `crash_at` and a resume; the second reuses the first's class images. Returns both results."""
+    straight = train(make_cfg(model, photos, tmp_path / "a", **settings))
+    out = tmp_path / "b"
+    if (tmp_path / "a" / "class_images").is_dir():
+        shutil.copytree(tmp_path / "a" / "class_images", out / "class_images")
+    crash_after_checkpoint(monkeypatch, at_step=crash_at)
+    with pytest.raises(Crash):
+        train(make_cfg(model, photos, out, **settings))
+    monkeypatch.undo()
+    resumed = train(make_cfg(model, photos, out, **{**settings, "train": {**settings["train"], "resume": True}}))
+    return straight, resumed
+
+
 def _final_weights(out: Path, method: str) -> dict[str, torch.Tensor]:
     if method == "lora":
         return load_file(out / "pytorch_lora_weights.safetensors")

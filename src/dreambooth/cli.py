@@ -166,6 +166,14 @@ def cmd_evaluate(args) -> None:
         print(f"written to {args.json}")
 
 
+def cmd_ui(args) -> None:
+    try:
+        from .ui.app import launch
+    except ImportError as e:  # gradio is an optional extra
+        raise DreamBoothError(f"the web UI needs gradio ({e}): pip install 'dreambooth[ui]'") from None
+    launch(root=args.root, host=args.host, port=args.port, token=args.token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth", description="Teach a text-to-image model a subject or style "
                                      "from a handful of photos (DreamBooth).")
@@ -257,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-base", default=None, help="base for a LoRA output whose config.yaml path moved")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ui", help="a local web app: train, watch, compare runs, render samples",
+                       description="Start the web UI (gradio) on this machine and print its URL. It reads and writes "
+                       "only inside the workspace folder, runs one training job at a time in its own process, and "
+                       "reattaches to a running job when the page is reloaded or the UI restarted.")
+    p.add_argument("--root", default=".", help="workspace folder: photos, models and runs live below it (default: .)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only); any "
+                   "other address requires a token")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", default=None, help="the password for a non-loopback --host (default: "
+                   "$DREAMBOOTH_UI_TOKEN, else a random one, printed at start-up)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -119,7 +119,7 @@ def test_train_stop_resume_sample_in_browser(ui, tmp_path):
         set_advanced(page, {"data.resolution": "32", "data.min_size": "16", "optim.lr": "1e-3",
                             "validation.prompts": "a photo of sks dog", "validation.every_n_steps": "25",
                             "validation.num_images": "2", "validation.num_inference_steps": "2",
-                            "train.max_steps": "200"})
+                            "train.max_steps": "300"})
 
         # photos by drag and drop (the file input behind the drop zone), then hostile uploads
         page.locator("#upload input[type=file]").set_input_files([str(p) for p in photos])
@@ -142,21 +142,24 @@ def test_train_stop_resume_sample_in_browser(ui, tmp_path):
         wait_text(page, "check-message", r"^4 photo\(s\) ready[^✗]*$")
 
         page.locator("#start").click()
-        wait_text(page, "message", r"started: 200 steps")
-        wait_text(page, "progress", r"training \| step [1-9]\d*/200", timeout=90)
-        page.reload()  # a reloaded page reattaches to the running job
-        wait_text(page, "progress", r"step [1-9]\d*/200")
+        wait_text(page, "message", r"started: 300 steps")
+        wait_text(page, "progress", r"training \| step [1-9]\d*/300", timeout=90)
         page.locator("#latest-grid img").wait_for(timeout=60_000)
+        wait_text(page, "progress", r"ETA")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-train.png"))  # the README's picture (docs/ui.png)
+        page.reload()  # a reloaded page reattaches to the running job
+        wait_text(page, "progress", r"step [1-9]\d*/300")
+        page.locator("#latest-grid img").wait_for(timeout=30_000)
         page.locator("#stop").click()
         stopped = wait_text(page, "progress", r"stopped", timeout=60)
-        step = int(re.search(r"step (\d+)/200", stopped).group(1))
-        assert 0 < step < 200 and (ws / "runs" / "first" / "checkpoints" / f"step-{step:06d}").is_dir()
+        step = int(re.search(r"step (\d+)/300", stopped).group(1))
+        assert 0 < step < 300 and (ws / "runs" / "first" / "checkpoints" / f"step-{step:06d}").is_dir()
 
         page.locator("#resume").click()
-        wait_text(page, "progress", r"finished \| step 200/200", timeout=120)
+        wait_text(page, "progress", r"finished \| step 300/300", timeout=120)
         assert (ws / "runs" / "first" / "model_index.json").is_file()
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "ui-train.png"))
+        page.screenshot(path=str(ARTIFACTS / "ui-finished.png"))
 
         # Sample tab: render from the finished run
         page.get_by_role("tab", name="Sample").click()

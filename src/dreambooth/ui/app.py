@@ -132,18 +132,23 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _open(path: Path):
+def _open(path: Path, min_height: int = 256):
+    """A PNG as a picture for gradio; small ones (tiny models' grids) scaled up, pixels kept sharp."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im = im.convert("RGB")
+    if im.height < min_height:
+        scale = -(-min_height // im.height)
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    return im
 
 
 def metrics_frames(metrics: list[dict]):
     import pandas as pd
 
     frame = pd.DataFrame([{"step": m["step"], "loss": m.get("loss"), "lr": m.get("lr")} for m in metrics],
-                         columns=["step", "loss", "lr"])
+                         columns=["step", "loss", "lr"]).astype({"step": int, "loss": float, "lr": float})
     return frame[["step", "loss"]], frame[["step", "lr"]]
 
 
@@ -179,50 +184,56 @@ def build_app(ws: Workspace, runner: JobRunner):
         gr.Markdown(f"## DreamBooth\nWorkspace: `{ws.root}` (every path below is relative to it)")
         with gr.Tab("Train"):
             with gr.Row():
-                model = gr.Dropdown(choices=model_choices(), value=None, allow_custom_value=True, label="Base model",
-                                    info="A diffusers folder or a single .safetensors file inside the workspace",
-                                    elem_id="model")
-                preset = gr.Dropdown(choices=[NO_PRESET, *TRAIN_PRESETS], value=NO_PRESET, label="Preset",
-                                     info="Starting values; settings you change below override them", elem_id="preset")
-            with gr.Row():
-                instance_prompt = gr.Textbox(label="Instance prompt", value="a photo of sks dog",
-                                             info="The rare identifier and the class noun", elem_id="instance-prompt")
-                identifier = gr.Textbox(label="Identifier", placeholder="default: the word before the class noun",
-                                        elem_id="identifier")
-                class_prompt = gr.Textbox(label="Class prompt (turns on prior preservation)",
-                                          placeholder="e.g. a photo of a dog", elem_id="class-prompt")
-            with gr.Row():
-                photos_dir = gr.Textbox(label="Photos folder", value="datasets/subject", elem_id="photos-dir",
-                                        info="Dropped photos are copied here; or name a folder that holds them")
-                run_dir = gr.Textbox(label="Run folder", value=time.strftime("runs/run-%Y%m%d-%H%M%S"),
-                                     elem_id="run-dir", info="Where the model, checkpoints, grids and logs go")
-            upload = gr.File(label="Drop photos here", file_count="multiple", elem_id="upload")
-            upload_message = gr.Textbox(label="Upload", interactive=False, elem_id="upload-message", lines=2)
-            check_button = gr.Button("Check photos", elem_id="check")
-            check_message = gr.Textbox(label="Dataset check", interactive=False, elem_id="check-message", lines=3)
-            photo_gallery = gr.Gallery(label="Photos", columns=8, height=160, elem_id="photos")
-            with gr.Accordion("Advanced settings: every setting of `dreambooth train`", open=False,
-                              elem_id="advanced"):
-                inputs = []
-                for section, group in sections(specs).items():
-                    with gr.Accordion(section, open=False, elem_id=f"section-{section}"):
-                        inputs += [_field_input(gr, spec) for spec in group]
-            with gr.Row():
-                start_button = gr.Button("Start", variant="primary", elem_id="start")
-                stop_button = gr.Button("Stop", elem_id="stop")
-                resume_button = gr.Button("Resume", elem_id="resume")
-            with gr.Row():
-                demo_button = gr.Button("Demo: no model needed", elem_id="demo")
-                demo_steps = gr.Number(value=800, precision=0, label="Demo steps", elem_id="demo-steps")
-            message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="message")
-            progress = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
-            with gr.Row():
-                loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss-plot", height=220)
-                lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-plot", height=220)
-            latest_grid = gr.Image(label="Latest validation grid", interactive=False, elem_id="latest-grid",
-                                   height=260)
-            grids = gr.Gallery(label="Validation grids", columns=6, height=200, elem_id="grids")
-            log_box = gr.Textbox(label="Log (last lines)", interactive=False, lines=6, max_lines=6, elem_id="log")
+                with gr.Column(scale=1):  # left: what to train
+                    with gr.Row():
+                        model = gr.Dropdown(choices=model_choices(), value=None, allow_custom_value=True,
+                                            label="Base model", elem_id="model",
+                                            info="A diffusers folder or a single .safetensors file in the workspace")
+                        preset = gr.Dropdown(choices=[NO_PRESET, *TRAIN_PRESETS], value=NO_PRESET, label="Preset",
+                                             info="Starting values; settings changed below override them",
+                                             elem_id="preset")
+                    instance_prompt = gr.Textbox(label="Instance prompt", value="a photo of sks dog",
+                                                 info="The rare identifier and the class noun", elem_id="instance-prompt")
+                    with gr.Row():
+                        identifier = gr.Textbox(label="Identifier", placeholder="default: the word before the class noun",
+                                                elem_id="identifier")
+                        class_prompt = gr.Textbox(label="Class prompt (turns on prior preservation)",
+                                                  placeholder="e.g. a photo of a dog", elem_id="class-prompt")
+                    with gr.Row():
+                        photos_dir = gr.Textbox(label="Photos folder", value="datasets/subject", elem_id="photos-dir",
+                                                info="Dropped photos are copied here; or name a folder that holds them")
+                        run_dir = gr.Textbox(label="Run folder", value=time.strftime("runs/run-%Y%m%d-%H%M%S"),
+                                             elem_id="run-dir", info="Model, checkpoints, grids and logs go here")
+                    upload = gr.File(label="Drop photos here", file_count="multiple", elem_id="upload", height=120)
+                    upload_message = gr.Textbox(label="Upload", interactive=False, elem_id="upload-message", lines=1)
+                    check_button = gr.Button("Check photos", elem_id="check", size="sm")
+                    check_message = gr.Textbox(label="Dataset check", interactive=False, elem_id="check-message",
+                                               lines=2)
+                    photo_gallery = gr.Gallery(label="Photos", columns=8, height=110, elem_id="photos")
+                    with gr.Accordion("Advanced settings: every setting of `dreambooth train`", open=False,
+                                      elem_id="advanced"):
+                        inputs = []
+                        for section, group in sections(specs).items():
+                            with gr.Accordion(section, open=False, elem_id=f"section-{section}"):
+                                inputs += [_field_input(gr, spec) for spec in group]
+                with gr.Column(scale=1):  # right: the job
+                    with gr.Row():
+                        start_button = gr.Button("Start", variant="primary", elem_id="start")
+                        stop_button = gr.Button("Stop", elem_id="stop")
+                        resume_button = gr.Button("Resume", elem_id="resume")
+                    progress = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
+                    message = gr.Textbox(label="Message", interactive=False, lines=2, max_lines=12, elem_id="message")
+                    with gr.Row():
+                        loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss-plot", height=200)
+                        lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-plot", height=200)
+                    latest_grid = gr.Image(label="Latest validation grid", interactive=False, elem_id="latest-grid",
+                                           height=220)
+                    grids = gr.Gallery(label="Validation grids", columns=6, height=120, elem_id="grids")
+                    log_box = gr.Textbox(label="Log (last lines)", interactive=False, lines=4, max_lines=4,
+                                         elem_id="log")
+                    with gr.Row():
+                        demo_button = gr.Button("Demo: no model needed", elem_id="demo")
+                        demo_steps = gr.Number(value=800, precision=0, label="Demo steps", elem_id="demo-steps")
             shown = gr.State({"job": None, "state": None, "grids": -1, "metrics": -1})  # what this page shows
 
         with gr.Tab("Runs", elem_id="runs-tab") as runs_tab:
@@ -275,7 +286,7 @@ def build_app(ws: Workspace, runner: JobRunner):
             check = check_photos(folder, _min_size(changed))
             head = f"{len(check.good)} photo(s) ready in {ws.relative(folder)}" if folder.is_dir() else ""
             lines = [head] + [f"✗ {p}".replace(f"{folder}{os.sep}", "") for p in check.problems]
-            return "\n".join(line for line in lines if line), [(_open(p), p.name) for p in check.good]
+            return "\n".join(line for line in lines if line), [(_open(p, 0), p.name) for p in check.good]
 
         def on_check(folder, *adv):
             try:

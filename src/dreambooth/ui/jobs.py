@@ -187,7 +187,9 @@ class JobRunner:
         if job_id is None:
             return ""
         text = (self.jobs_dir / job_id / "log.txt").read_text(errors="replace")
-        return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+        # a progress bar redraws its line with carriage returns: keep what each line shows last
+        shown = [[part for part in line.split("\r") if part.strip()] for line in text.split("\n")[-lines - 1:]]
+        return "\n".join(parts[-1] for parts in shown if parts)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -164,6 +164,23 @@ def test_a_killed_job_is_reported(tmp_path):
     assert status.state == "failed" and "signal 9" in status.message
 
 
+def test_demo_button_runs_the_demo_command_and_stop_ends_it(tmp_path):
+    import json
+
+    from dreambooth.ui.app import start_demo
+
+    ws = Workspace(tmp_path)
+    runner = JobRunner(tmp_path / ".dreambooth-ui", cwd=tmp_path)
+    assert "30 steps" in start_demo(ws, runner, 30)
+    job = json.loads((runner.jobs_dir / runner.latest() / "job.json").read_text())
+    out = job["output_dir"]
+    assert job["args"] == ["demo", "--output-dir", out, "--steps", "30", "--n", "8"] and job["max_steps"] == 30
+    assert Path(out).parent == tmp_path / "runs"
+    assert runner.stop() == "demo stopped"
+    runner._procs[runner.latest()].wait(timeout=30)
+    assert (runner.status().state, runner.status().message) == ("stopped", "stopped on request")
+
+
 # ---- the training loop's graceful stop (what the Stop button asks for) ------------------------
 
 def test_stop_file_checkpoints_and_resume_finishes(tiny_sd_dir, photos, tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: `dreambooth train | class-images | sample`.
+"""Command line: `dreambooth train | class-images | sample | convert | demo | evaluate | ui`.
 
 `train` and `class-images` take every `TrainConfig` field as a dotted flag (`--optim.lr 2e-6`),
 generated from the dataclasses, so the flags, the YAML files and `--help` cannot drift apart.

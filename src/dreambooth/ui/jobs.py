@@ -50,7 +50,8 @@ class JobStatus:
     def progress_text(self) -> str:
         head = {"preparing": "preparing (loading the model, checking photos, class images)",
                 "running": "training", "stopping": "stopping: writing a checkpoint after this step",
-                "finished": "finished", "stopped": "stopped (checkpoint written; Resume continues it)",
+                "finished": "finished",
+                "stopped": "stopped (checkpoint written; Resume continues it)" if self.kind == "train" else "stopped",
                 "failed": "failed"}[self.state]
         parts = [f"{self.kind} job {self.id}: {head}"]
         if self.max_steps:
@@ -129,6 +130,7 @@ class JobRunner:
             Path(job["output_dir"]).mkdir(parents=True, exist_ok=True)
             (Path(job["output_dir"]) / STOP_FILE).touch()
             return "stop requested: training writes a checkpoint after the current step, then stops"
+        (self.jobs_dir / job_id / "stop-requested").touch()
         os.killpg(job["pid"], signal.SIGTERM)  # the demo is disposable: no checkpoint to keep
         return "demo stopped"
 
@@ -171,6 +173,8 @@ class JobRunner:
             status.eta_seconds = self._eta(job_id, status.step, status.max_steps)
         else:
             status.state, status.message = outcome(log, code)
+            if status.state == "failed" and (self.jobs_dir / job_id / "stop-requested").exists():
+                status.state, status.message = "stopped", "stopped on request"
         return status
 
     def _eta(self, job_id: str, step: int, max_steps: int) -> float | None:

@@ -82,6 +82,20 @@ def test_check_photos_lists_every_problem(tmp_path):
     assert not check_photos(tmp_path / "missing", 16).ok
 
 
+def test_only_loopback_goes_without_a_token(monkeypatch):
+    from dreambooth.ui.app import access
+
+    monkeypatch.delenv("DREAMBOOTH_UI_TOKEN", raising=False)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert access(host, None) == (None, None)
+    check, token = access("0.0.0.0", None)
+    assert len(token) >= 16 and check("anyone", token) and not check("anyone", "guess")
+    check, token = access("192.168.1.5", "s3cret")
+    assert token == "s3cret" and check("u", "s3cret") and not check("u", "")
+    monkeypatch.setenv("DREAMBOOTH_UI_TOKEN", "from-env")
+    assert access("0.0.0.0", None)[1] == "from-env"
+
+
 # ---- the form generated from the dataclasses ---------------------------------------------------
 
 def test_form_has_every_config_field_with_type_default_and_help():
@@ -200,3 +214,10 @@ def test_stop_file_checkpoints_and_resume_finishes(tiny_sd_dir, photos, tmp_path
     assert not (out / "model_index.json").exists()  # not exported: the run is unfinished
     result = train(build_config(dotted_to_nested({**settings, "train.resume": True})))
     assert not result.stopped and result.steps == 4 and (out / "model_index.json").is_file()
+
+
+def test_log_tail_shows_a_progress_bar_once(tmp_path):
+    runner = JobRunner(tmp_path, cwd=tmp_path)
+    (runner.jobs_dir / "j").mkdir()
+    (runner.jobs_dir / "j" / "log.txt").write_bytes(b"loading\n\rtraining 1/3\rtraining 2/3\r     \n")
+    assert runner.log_tail("j") == "loading\ntraining 2/3"

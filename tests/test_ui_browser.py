@@ -111,6 +111,7 @@ def test_train_stop_resume_sample_in_browser(ui, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
         page.goto(url)
         page.locator("#start").wait_for()
+        wait_text(page, "progress", r"no job yet")  # the page's load events are done: filling in is safe now
 
         # the tiny model and a short run's settings (advanced form, generated from the config)
         fill(page, "model", "models/tiny-sd")

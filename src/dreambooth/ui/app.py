@@ -271,6 +271,8 @@ def build_app(ws: Workspace, runner: JobRunner):
                 return gr.update(), gr.update(), gr.update(), gr.update()
             try:
                 target = ws.resolve(folder, "photos folder")
+                if any(uploads not in Path(f).resolve().parents for f in files):  # only what was uploaded
+                    raise DreamBoothError("only files uploaded through this page can be added")
                 # the base name gradio kept (the browser's file name) is sanitised again before use
                 report = save_uploads([(Path(f).name, Path(f)) for f in files], target)
                 for f in map(Path, files):  # gradio's copy in the upload cache: the photos folder has ours
@@ -329,8 +331,8 @@ def build_app(ws: Workspace, runner: JobRunner):
                 out += [loss, lr]
             else:
                 out += [gr.update(), gr.update()]
-            if (state["job"], state["grids"]) != (status.id, len(status.grids)) and status.grids:
-                out += [_open(status.grids[-1]), [(_open(p), p.stem) for p in status.grids]]
+            if (state["job"], state["grids"]) != (status.id, len(status.grids)):  # a new grid, or another job
+                out += [_open(status.grids[-1]) if status.grids else None, [(_open(p), p.stem) for p in status.grids]]
             else:
                 out += [gr.update(), gr.update()]
             new.update(job=status.id, state=status.state, grids=len(status.grids), metrics=len(status.metrics))
@@ -346,8 +348,10 @@ def build_app(ws: Workspace, runner: JobRunner):
         demo_button.click(on_demo, demo_steps, message)
         timer = gr.Timer(1.0)
         timer.tick(refresh, shown, refresh_outputs, show_progress="hidden")
-        app.load(refresh, shown, refresh_outputs)  # a reloaded page reattaches to the running job
-        app.load(lambda: gr.update(choices=model_choices()), None, model)
+        def on_load(state):  # one event, so the page is ready at once: a reloaded page reattaches to the job
+            return (*refresh(state), gr.update(choices=model_choices()), time.strftime("runs/run-%Y%m%d-%H%M%S"))
+
+        app.load(on_load, shown, [*refresh_outputs, model, run_dir])
 
         # ---- Runs tab ----
         def show_run(run):
@@ -409,6 +413,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def access(host: str, token: str | None):
+    """(gradio auth check, token): none on a loopback address; elsewhere a token is required (one is made if
+    neither --token nor $DREAMBOOTH_UI_TOKEN gives it)."""
+    if is_loopback(host):
+        return None, None
+    token = token or os.environ.get("DREAMBOOTH_UI_TOKEN") or secrets.token_urlsafe(16)
+    return (lambda _user, password: secrets.compare_digest(password.encode(), token.encode())), token
+
+
 def launch(root: str | Path = ".", host: str = "127.0.0.1", port: int = 7860, token: str | None = None,
            block: bool = True):
     """Start the app; only a loopback address may go without a token. Returns (app, url)."""
@@ -420,10 +433,7 @@ def launch(root: str | Path = ".", host: str = "127.0.0.1", port: int = 7860, to
     os.environ.setdefault("GRADIO_TEMP_DIR", str(state / "uploads"))
     import gradio as gr
 
-    auth = None
-    if not is_loopback(host):
-        token = token or os.environ.get("DREAMBOOTH_UI_TOKEN") or secrets.token_urlsafe(16)
-        auth = lambda _user, password: secrets.compare_digest(password, token)  # noqa: E731
+    auth, token = access(host, token)
     runner = JobRunner(state, cwd=ws.root)
     app = build_app(ws, runner)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

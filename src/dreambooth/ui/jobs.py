@@ -167,7 +167,7 @@ class JobRunner:
         status.grids = sorted((train_out / "samples").glob("step-*.png"))
         status.step = status.metrics[-1]["step"] if status.metrics else 0
         alive, code = self._alive(job_id, job["pid"])
-        log = (self.jobs_dir / job_id / "log.txt").read_text(errors="replace")
+        log = (self.jobs_dir / job_id / "log.txt").read_bytes().decode(errors="replace")  # keeps \r
         if alive:
             status.state = "stopping" if (train_out / STOP_FILE).exists() else "running" if status.metrics else "preparing"
             status.eta_seconds = self._eta(job_id, status.step, status.max_steps)
@@ -190,7 +190,7 @@ class JobRunner:
         job_id = job_id or self.latest()
         if job_id is None:
             return ""
-        text = (self.jobs_dir / job_id / "log.txt").read_text(errors="replace")
+        text = (self.jobs_dir / job_id / "log.txt").read_bytes().decode(errors="replace")  # keeps \r
         # a progress bar redraws its line with carriage returns: keep what each line shows last
         shown = [[part for part in line.split("\r") if part.strip()] for line in text.split("\n")[-lines - 1:]]
         return "\n".join(parts[-1] for parts in shown if parts)

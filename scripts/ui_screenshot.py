@@ -85,6 +85,8 @@ def shoot(url: str, chromium: str, photos: list[Path], steps: int, out: Path) ->
         for key, value in settings.items():
             field("cfg-" + key.replace(".", "-").replace("_", "-")).fill(value)
         page.locator("#advanced").get_by_text("Advanced settings").click()  # closed again for the picture
+        page.locator("#check").click()  # again, at the 32 px resolution set above
+        wait("check-message", r"^5 photo\(s\) ready[^✗]*$")
         page.locator("#start").click()
         while int((re.search(r"step (\d+)/", field("progress").input_value()) or [0, 0])[1]) < steps:
             page.wait_for_timeout(500)

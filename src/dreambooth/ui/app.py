@@ -225,7 +225,8 @@ def build_app(ws: Workspace, runner: JobRunner):
                     message = gr.Textbox(label="Message", interactive=False, lines=2, max_lines=12, elem_id="message")
                     with gr.Row():
                         loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss-plot", height=200)
-                        lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-plot", height=200)
+                        lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-plot", height=200,
+                                              y_axis_format=".1e")
                     latest_grid = gr.Image(label="Latest validation grid", interactive=False, elem_id="latest-grid",
                                            height=220)
                     grids = gr.Gallery(label="Validation grids", columns=6, height=120, elem_id="grids")

@@ -221,3 +221,32 @@ def test_log_tail_shows_a_progress_bar_once(tmp_path):
     (runner.jobs_dir / "j").mkdir()
     (runner.jobs_dir / "j" / "log.txt").write_bytes(b"loading\n\rtraining 1/3\rtraining 2/3\r     \n")
     assert runner.log_tail("j") == "loading\ntraining 2/3"
+
+
+def test_sample_tab_renders_a_lora_run_and_refuses_a_base_outside(tiny_sd_dir, photos, tmp_path):
+    import shutil
+
+    import yaml
+
+    from dreambooth.train import train
+    from dreambooth.ui.app import sample
+
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_sd_dir, root / "models" / "tiny")
+    out = root / "runs" / "lora"
+    train(build_config(dotted_to_nested({
+        "model.path": str(root / "models" / "tiny"), "concept.instance_dir": str(photos),
+        "concept.instance_prompt": "a photo of sks dog", "data.resolution": 32, "data.min_size": 16,
+        "train.max_steps": 1, "train.method": "lora", "train.output_dir": str(out)})))
+    ws = Workspace(root)
+    assert ws.find_runs() == ["runs/lora"]
+    images = sample(ws, "runs/lora", "a photo of sks dog", "", 0, "euler", 2, 7.5, 2)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert len(list((out / "generated").glob("ui-euler-2-seed0-grid.png"))) == 1
+    with pytest.raises(DreamBoothError, match="not a run"):
+        sample(ws, "../ws/runs/lora", "x", "", 0, "euler", 2, 7.5, 1)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["model"]["path"] = str(tiny_sd_dir)  # a LoRA whose base lies outside the workspace
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(DreamBoothError, match="outside the workspace"):
+        sample(ws, "runs/lora", "x", "", 0, "euler", 2, 7.5, 1)

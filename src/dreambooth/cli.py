@@ -1,4 +1,4 @@
-"""Command line: `dreambooth train | class-images | sample | demo | evaluate | doctor`.
+"""Command line: `dreambooth train | class-images | sample | convert | demo | evaluate | doctor | ui`.
 
 `train` and `class-images` take every `TrainConfig` field as a dotted flag (`--optim.lr 2e-6`),
 generated from the dataclasses, so the flags, the YAML files and `--help` cannot drift apart.
@@ -177,6 +177,14 @@ def cmd_doctor(args) -> int:
     return run(args)
 
 
+def cmd_ui(args) -> None:
+    try:
+        from .ui.app import launch
+    except ImportError as e:  # gradio is an optional extra
+        raise DreamBoothError(f"the web UI needs gradio ({e}): pip install 'dreambooth[ui]'") from None
+    launch(root=args.root, host=args.host, port=args.port, token=args.token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth", description="Teach a text-to-image model a subject or style "
                                      "from a handful of photos (DreamBooth).")
@@ -297,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside the folder, never inside it, where training would take it for a photo)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("ui", help="a local web app: train, watch, compare runs, render samples",
+                       description="Start the web UI (gradio) on this machine and print its URL. It reads and writes "
+                       "only inside the workspace folder, runs one training job at a time in its own process, and "
+                       "reattaches to a running job when the page is reloaded or the UI restarted.")
+    p.add_argument("--root", default=".", help="workspace folder: photos, models and runs live below it (default: .)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only); any "
+                   "other address requires a token")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", default=None, help="the password for a non-loopback --host (default: "
+                   "$DREAMBOOTH_UI_TOKEN, else a random one, printed at start-up)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

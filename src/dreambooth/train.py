@@ -45,6 +45,11 @@ from .validation import Logger, validate
 
 log = logging.getLogger("dreambooth")
 
+# A graceful stop: whoever wants a running job to stop (the web UI's Stop button, or `touch` by hand)
+# creates this file in the output folder. The loop looks for it once per optimizer step, writes a
+# checkpoint and returns without exporting; `train.resume` continues from that checkpoint.
+STOP_FILE = "stop-requested"
+
 
 @dataclass
 class TrainResult:
@@ -55,6 +60,7 @@ class TrainResult:
     phase_seconds: dict[str, list[float]] = field(default_factory=dict)  # data/forward/backward/optimizer per step
     seconds: float = 0.0
     trainable_parameters: int = 0
+    stopped: bool = False  # stopped early on request (STOP_FILE): checkpointed, not exported
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -211,9 +217,25 @@ def train(cfg: TrainConfig) -> TrainResult:
                                      cfg.checkpoint.keep, fingerprint)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
             _validate(comps, trainable, cfg, data, texts, accelerator, logger, done)
+        if done < cfg.train.max_steps and (out / STOP_FILE).exists():
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if ckpt.latest_checkpoint(out) != ckpt.checkpoints_root(out) / f"step-{done:06d}":  # not saved above
+                    ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
+                                         cfg.checkpoint.keep, fingerprint)
+                (out / STOP_FILE).unlink(missing_ok=True)
+            result.stopped = True
+            log.info("stop requested: checkpoint written at step %d; continue with train.resume", done)
+            break
     bar.close()
     if in_backward is not None:
         in_backward.remove_hooks()  # the trained model leaves train() as a plain module
+
+    if result.stopped:
+        logger.close()
+        result.seconds = time.time() - start_time
+        accelerator.end_training()
+        return result
 
     accelerator.wait_for_everyone()
     comps.modules.update({name: accelerator.unwrap_model(comps.modules[name]) for name in trainable.modules})
@@ -288,6 +310,9 @@ def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> 
 def summary(result: TrainResult) -> str:
     losses = list(result.losses.values())
     last = f", final loss {losses[-1]:.4f}" if losses else ""
+    if result.stopped:
+        return (f"stopped on request after step {result.steps}{last}; checkpoint written to {result.output_dir}/checkpoints "
+                "(continue with --train.resume)")
     return (f"trained {result.steps} steps ({result.trainable_parameters:,} trainable parameters) in "
             f"{result.seconds:.1f} s{last}; model written to {result.output_dir}")
 

@@ -176,6 +176,8 @@ def test_train_stop_resume_sample_in_browser(ui, tmp_path):
         page.get_by_role("tab", name="Runs").click()
         choose(page, "run-a", "runs/first")
         page.locator("#run-a-grid img").wait_for(timeout=30_000)
+        choose(page, "run-b", "runs/first")  # the second panel, beside the first: two runs' grids side by side
+        page.locator("#run-b-grid img").wait_for(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "ui-runs.png"))
 
         # a crashing job: its message is shown and the UI keeps working

@@ -6,7 +6,8 @@
 #
 #   bench/gpu_suite.sh --prepare   # here (package registries reachable): the wheels the GPU image lacks -> bench/wheels/
 #   bench/gpu_suite.sh             # on the GPU machine: the device tool's run with carry=["bench/wheels"]
-#   bench/gpu_suite.sh --dry-run   # CPU, tiny models, 2 timed steps each: checks the whole chain in about 2 minutes
+#   bench/gpu_suite.sh --dry-run   # CPU, tiny models, 2 timed steps each: checks the whole chain in about 3 minutes
+#   ROWS="r15-default r15-peer" bench/gpu_suite.sh   # only these rows (to split the suite over several calls)
 #
 # The GPU image has torch (CUDA), transformers, accelerate, peft and torchvision but not diffusers;
 # the wheels bring diffusers and importlib_metadata at the lock's versions, and torchao 0.18.0 for the
@@ -57,6 +58,7 @@ r15="--arch $sd --model-dir $models/$sd --resolution $res --train-text-encoder -
 sdxl="--arch $xl --model-dir $models/$xl --resolution $xres --warmup $((warm / 10 + 1)) --steps $((steps / 10 + 1)) $common"
 run() {  # name, seconds allowed, command...
     local name=$1 limit=$2; shift 2
+    if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then return; fi
     echo "== $name ($(( $(date +%s) - start )) s in)"
     if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then echo "   ok"; else echo "   FAILED (see $OUT/$name.log)"; tail -3 "$OUT/$name.log"; fi
 }

@@ -54,10 +54,11 @@ def _verify_lora(comps, out: Path, trainable, report: Verification) -> None:
     from ..models.load import load_components
 
     base = comps.family.pipeline(load_components(comps.model_dir, comps.family.name))
-    for part in trainable.modules:  # the fresh base in the trained model's place and precision
-        reference = comps.modules[part]
-        frozen = next(p for n, p in reference.named_parameters() if "lora_" not in n)
-        getattr(base, part)._apply(lambda t: t.to(frozen.device, frozen.dtype if t.is_floating_point() else t.dtype))
+    # The fresh base in the trained model's precision, but on the CPU: a second copy on the GPU could
+    # take a run that fitted its memory budget over it, after the model was written.
+    for part in trainable.modules:
+        frozen = next(p for n, p in comps.modules[part].named_parameters() if "lora_" not in n)
+        getattr(base, part)._apply(lambda t: t.to(frozen.dtype) if t.is_floating_point() else t)
     for file in [LORA_WEIGHTS] + ([KOHYA_WEIGHTS] if (out / KOHYA_WEIGHTS).is_file() else []):
         try:
             base.load_lora_weights(out, weight_name=file)

@@ -255,7 +255,10 @@ def resolve_config(config: str | Path) -> Path:
 def cached_folder(path: str | Path, config: str | Path | None = None, allow_pickle: bool = False) -> Path:
     """The diffusers folder for a single file, converted once and kept under cache_root() by the file's hash."""
     path = Path(path)
-    key = sha256(path)[:20] + (f"-{resolve_config(config).name}" if config else "")
+    key = sha256(path)[:20]
+    if config:  # the same file read with another architecture is another conversion
+        folder = resolve_config(config).resolve()
+        key += f"-{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
     out = cache_root() / "single-file" / key
     if not (out / "model_index.json").is_file():
         print(f"converting {path} to a diffusers folder (once; cached at {out})")

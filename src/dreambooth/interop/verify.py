@@ -70,17 +70,17 @@ def _run(module, seed: int) -> list[torch.Tensor]:
         module.forward = module._original_forward
     try:
         if kind == "vae":
-            return [module.decode(**kwargs).sample.float()]
+            return [module.decode(**kwargs).sample.float().cpu()]
         out = module(**kwargs)
     finally:
         module.train(training)
         if wrapper is not None:
             module.forward = wrapper
     if kind == "unet":
-        return [out.sample.float()]
+        return [out.sample.float().cpu()]
     tensors = list(out.hidden_states) + [out.last_hidden_state]
     extra = getattr(out, "text_embeds", None)  # SDXL's projected pool
-    return [t.float() for t in tensors + ([extra] if extra is not None else [])]
+    return [t.float().cpu() for t in tensors + ([extra] if extra is not None else [])]
 
 
 def compare(report: Verification, what: str, reference, candidate, relative: float = 0.0, file: str = "",
@@ -101,7 +101,11 @@ HALF = 1e-2  # fp16/bf16 weights: their rounding (2^-11 / 2^-8 relative) moves o
 
 
 def tolerance(*modules) -> float:
-    return FP32 if all(p.dtype == torch.float32 for m in modules for p in m.parameters()) else HALF
+    """FP32 when every weight is fp32 and all run on one device; else HALF (another device's kernels
+    round differently, as half precision does)."""
+    params = [p for m in modules for p in m.parameters()]
+    same = all(p.dtype == torch.float32 for p in params) and len({p.device for p in params}) == 1
+    return FP32 if same else HALF
 
 
 def same_weights(report: Verification, what: str, reference, candidate, file: str = "") -> None:

@@ -76,22 +76,26 @@ def _verify_full(comps, out: Path, trainable, report: Verification) -> None:
     for part in sorted(trainable.modules):  # the diffusers folder holds what was trained
         # the same class and config wrote and read it: equal weights are the whole check
         same_weights(report, f"{part}/ (diffusers folder)", comps.modules[part], saved_part(out, part), part)
-    path = out / SINGLE_FILE
-    if not path.is_file():
-        return
+    if (out / SINGLE_FILE).is_file():
+        check_single_file(out, out / SINGLE_FILE, fam, report)
+
+
+def check_single_file(folder: Path, path: Path, fam, report: Verification) -> None:
+    """`path` (a single file made from the diffusers `folder`) read back by diffusers' converters:
+    every tensor read, every part rebuilt, and each part's outputs those of the folder's."""
     state, _ = read_checkpoint(path)
     half = any(v.dtype == torch.float16 for v in state.values())
     tracked = TrackedDict(state)
-    index = json.loads((out / "model_index.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text())
     for part in fam.single_file:
         try:
-            from_file = load_part_from(tracked, out, part, index[part][1], torch.float32)
+            from_file = load_part_from(tracked, folder, part, index[part][1], torch.float32)
         except Exception as e:  # noqa: BLE001 - a part diffusers cannot rebuild is the finding
-            report.fail(f"{SINGLE_FILE} {part}: {str(e).splitlines()[0]}", SINGLE_FILE)
+            report.fail(f"{path.name} {part}: {str(e).splitlines()[0]}", path.name)
             continue
-        compare(report, f"{SINGLE_FILE} {part}", saved_part(out, part), from_file, HALF if half else FP32, SINGLE_FILE)
+        compare(report, f"{path.name} {part}", saved_part(folder, part), from_file, HALF if half else FP32, path.name)
     unread = sorted(set(state) - tracked.read)
     if unread:
-        report.fail(f"{SINGLE_FILE}: {len(unread)} tensor(s) no converter read, e.g. {unread[0]}", SINGLE_FILE)
+        report.fail(f"{path.name}: {len(unread)} tensor(s) no converter read, e.g. {unread[0]}", path.name)
     else:
-        report.checks.append(f"{SINGLE_FILE}: all {len(state)} tensors read")
+        report.checks.append(f"{path.name}: all {len(state)} tensors read")

@@ -120,8 +120,9 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         "- text encoders trained: " + (", ".join(f"{name} (lr {te.lr or cfg.optim.lr:g}"
                                                   + (f", until step {te.stop_step})" if te.stop_step is not None else ")")
                                                   for name, te in cfg.text_encoders().items() if te.train) or "none"),
-        f"- prior preservation: {cfg.prior.enabled}"
-        + (f" ({cfg.prior.num_class_images} class images, weight {cfg.prior.loss_weight:g})" if cfg.prior.enabled else ""),
+        f"- prior preservation: {cfg.prior.enabled}" + (_prior_note(cfg) if cfg.prior.enabled else ""),
+        *([f"- knowledge preservation: weight {cfg.prior.preserve_weight:g} on {len(cfg.preservation_prompts())} prompts "
+           "(targets: the base model's predictions)"] if cfg.prior.preserve_weight else []),
         f"- Min-SNR gamma: {cfg.objective.snr_gamma}; mixed precision: {cfg.memory.mixed_precision}",
         f"- preset: {cfg.preset or 'none'}; full settings in `config.yaml`",
         "",
@@ -143,3 +144,9 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
                   f"{cfg.validation.num_inference_steps} steps, seeds from {cfg.validation.seed}:", "",
                   f"![samples]({final_grid.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
+
+
+def _prior_note(cfg) -> str:
+    if cfg.prior.source == "model":
+        return f" (targets: the base model's predictions on the class prompt, weight {cfg.prior.loss_weight:g})"
+    return f" ({cfg.prior.num_class_images} class images, weight {cfg.prior.loss_weight:g})"

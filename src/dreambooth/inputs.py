@@ -60,7 +60,7 @@ class Texts:
         self.comps = comps
         self.cache: dict[str, dict[str, torch.Tensor]] | None = None
         if cache:
-            prompts = sorted({e.prompt for e in data.subject + data.klass} | set(extra_prompts))
+            prompts = sorted({e.prompt for e in data.subject + data.klass} | set(data.preserve_prompts) | set(extra_prompts))
             provenance = {"family": comps.family.name, "model_fingerprint": fingerprint}
             self.cache = _load(store, provenance, prompts, device) if store is not None else None
             if self.cache is None:

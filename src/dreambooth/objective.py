@@ -8,7 +8,17 @@ explicit per-sample multiply, so it is right at any batch size:
   arXiv:2303.09556): each sample's loss is weighted by min(SNR(t), gamma) / SNR(t) for an
   epsilon-predicting model and min(SNR(t), gamma) / (SNR(t) + 1) for a v-predicting one, using
   that sample's own timestep.
-- Prior preservation (Ruiz et al. 2022, eq. 2): class-image samples carry the weight lambda.
+- Prior preservation (Ruiz et al. 2022, eq. 2): class-prompt samples carry the weight lambda.
+- Knowledge preservation: samples with general prompts carry their own weight mu.
+
+Distillation. A sample may take as its target, instead of the noise (or v), the frozen base
+model's prediction at the same noisy input and timestep:
+    l_i = || f_theta(x_t, t, c_i) - f_base(x_t, t, c_i) ||^2
+(prior.source=model on the class prompt, and knowledge preservation on general prompts). With
+class images drawn from the base, the image prior's target eps has f_base(x_t, t, c) as its
+expectation given x_t; distilling uses that expectation directly, so no images are needed and
+the target has no noise-draw variance. The noisy input must come from somewhere: here it is the
+subject photo's latent noised again at the sample's own timestep (see data.dataset.class_prompt_twins).
 
 `combine` turns per-sample losses into the scalar we backpropagate:
     L = (sum_i w_i * l_i) / n_instance,   w_i = 1 for subject images, lambda for class images.
@@ -75,6 +85,8 @@ def diffusion_loss(
     generator: torch.Generator,
     snr_gamma: float | None = None,
     offset_noise: float = 0.0,
+    teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    distilled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One denoising loss per sample (B,).
 
@@ -86,12 +98,20 @@ def diffusion_loss(
         generator: CPU generator for noise and timesteps (saved in checkpoints for exact resume).
         snr_gamma: Min-SNR-gamma; None disables the weighting.
         offset_noise: offset-noise strength.
+        teacher: (x_t, t, rows) -> the frozen base model's prediction for the samples `rows` (M, C, H, W),
+            computed without gradients; the target of those samples.
+        distilled: (B,) bool, the samples whose target is the teacher's prediction; None: none.
     """
     noise = sample_noise(latents.shape, generator, offset_noise).to(latents.device, latents.dtype)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, C, H, W)
     prediction = predict(noisy, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
+    if distilled is not None and bool(distilled.any()):
+        rows = distilled.to(target.device)
+        with torch.no_grad():
+            target = target.clone()
+            target[rows] = teacher(noisy, timesteps, rows).to(target.dtype)
     # MSE in fp32 whatever the autocast dtype: the per-sample means are what we weight.
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
     if snr_gamma is not None:
@@ -99,13 +119,28 @@ def diffusion_loss(
     return per_sample
 
 
-def sample_weights(is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
-    """w_i = 1 for subject samples, lambda for class (prior) samples (B,)."""
-    return torch.where(is_prior, torch.as_tensor(prior_loss_weight), torch.as_tensor(1.0)).float()
+def distilled_samples(is_prior: torch.Tensor, is_preserve: torch.Tensor | None, prior_from_model: bool) -> torch.Tensor | None:
+    """The samples whose target is the base model's prediction (B,): class samples with prior.source=model,
+    and knowledge-preservation samples; None when there are none."""
+    rows = is_prior if prior_from_model else torch.zeros_like(is_prior)
+    if is_preserve is not None:
+        rows = rows | is_preserve
+    return rows if bool(rows.any()) else None
 
 
-def combine(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
-    """sum_i w_i l_i / n_instance: equals instance_mean + lambda * prior_mean for equal-sized halves."""
-    weights = sample_weights(is_prior.to(per_sample.device), prior_loss_weight).to(per_sample.device)
-    n_instance = int((~is_prior).sum())
+def sample_weights(is_prior: torch.Tensor, prior_loss_weight: float, is_preserve: torch.Tensor | None = None,
+                   preserve_weight: float = 0.0) -> torch.Tensor:
+    """w_i = 1 for subject samples, lambda for class (prior) samples, mu for knowledge-preservation samples (B,)."""
+    weights = torch.where(is_prior, torch.as_tensor(prior_loss_weight), torch.as_tensor(1.0)).float()
+    if is_preserve is not None:
+        weights = torch.where(is_preserve, torch.as_tensor(preserve_weight, dtype=torch.float32), weights)
+    return weights
+
+
+def combine(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float,
+            is_preserve: torch.Tensor | None = None, preserve_weight: float = 0.0) -> torch.Tensor:
+    """sum_i w_i l_i / n_instance: equals instance_mean + lambda * prior_mean (+ mu * preserve_mean) for
+    equal-sized groups."""
+    weights = sample_weights(is_prior, prior_loss_weight, is_preserve, preserve_weight).to(per_sample.device)
+    n_instance = int((~is_prior).sum()) - (int(is_preserve.sum()) if is_preserve is not None else 0)
     return (per_sample * weights).sum() / max(n_instance, 1)

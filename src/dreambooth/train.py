@@ -1,7 +1,7 @@
 """The DreamBooth recipe: `train(cfg)` reads top to bottom - setup, loop, export.
 
     1. check the settings, load the model, read and validate every photo (fail before any work)
-    2. generate missing class images (prior preservation)
+    2. generate missing class images (prior preservation with prior.source=images)
     3. choose what trains (full / LoRA, text encoder), memory options, optimizer, LR schedule
     4. cache latents / text embeddings when nothing about them changes during training
     5. resume from the latest checkpoint if asked
@@ -30,7 +30,7 @@ from .compat import check_environment
 from .config import TrainConfig, to_dict, yaml_text
 from .data.buckets import buckets_for, class_image_counts, nearest_bucket
 from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
-from .data.dataset import DreamBoothData, Positions, class_examples, subject_examples
+from .data.dataset import DreamBoothData, Positions, class_examples, class_prompt_twins, subject_examples
 from .doctor import log_short_report
 from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
@@ -38,7 +38,8 @@ from .files import finish_swap
 from .inputs import Latents, Texts
 from .models.load import check_resolution, check_settings, detect_family, model_folder
 from .models.memory import apply_memory_options
-from .models.trainable import setup_trainable
+from .models.frozen_base import FrozenBase
+from .models.trainable import setup_trainable, trained_module_names
 from .optim import OptimizerInBackward, build_lr_scheduler, build_optimizer
 from .timing import PhaseTimer
 from .validation import Logger, validate
@@ -113,9 +114,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise DreamBoothError(f"{out} already holds checkpoints of an earlier run: add --train.resume to continue it, "
                               "or choose another train.output_dir")
 
-    # 2. prior preservation: class images made by the base model itself
+    # 2. prior preservation: class images made by the base model itself, or (prior.source=model) the
+    # subject photos again with the class prompt, whose targets the frozen base model predicts
     klass = []
-    if cfg.prior.enabled:
+    if cfg.prior.enabled and cfg.prior.source == "model":
+        klass = class_prompt_twins(subject, concepts)
+    elif cfg.prior.enabled:
         with accelerator.main_process_first():  # one process generates; the others then find and reuse the images
             files = [ensure_concept_class_images(cfg, c, subject, buckets, model_dir, device=accelerator.device,
                                                  dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
@@ -123,11 +127,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         klass = class_examples(files, concepts, cfg.data)
     accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed, Positions(cfg.train.batch_size, accum, world, rank),
-                          buckets=buckets)
+                          buckets=buckets, preserve_prompts=cfg.preservation_prompts())
 
     # 3. what trains, memory options, optimizer
     torch.manual_seed(cfg.train.seed)  # adapter init and dropout draw from the global RNG
     text_encoders = cfg.text_encoders()
+    # the frozen base for distilled targets, taken before anything trains (LoRA: the same modules, adapters off)
+    base = (FrozenBase(comps, trained_module_names(comps, text_encoders), cfg.train.method == "lora")
+            if cfg.distills else None)
     trainable = setup_trainable(comps, cfg.train.method, cfg.lora, text_encoders, cfg.memory.weights_dtype)
     apply_memory_options(comps, cfg.memory, trainable.modules)
     optimizer = build_optimizer(trainable.param_groups(cfg.optim.lr, text_encoders), cfg.optim,
@@ -137,6 +144,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     for name, module in comps.modules.items():  # frozen parts: to the device, in the autocast dtype
         if name not in trainable.modules:
             _place(module, accelerator.device, torch.float32 if name in comps.keep_fp32 else weight_dtype)
+    for module in (base.copies().values() if base is not None else ()):
+        _place(module, accelerator.device, weight_dtype)
     *models, optimizer = accelerator.prepare(*(comps.modules[n] for n in trainable.modules), optimizer)
     comps.modules.update(zip(trainable.modules, models))  # the trained modules, as accelerate wraps them
     stop_steps = {name: te.stop_step for name, te in text_encoders.items() if name in trainable.modules and te.stop_step is not None}
@@ -146,6 +155,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     texts = Texts(comps, data, cfg.cache_text_embeddings, [*cfg.validation.prompts, cfg.validation.negative_prompt or ""],
                   out / "cache" / "text-embeddings.safetensors" if accelerator.is_main_process else None, fingerprint,
                   accelerator.device)
+    if base is not None:
+        base.encode_prompts([e.prompt for e in data.subject + data.klass] + data.preserve_prompts)
     if cfg.memory.offload_text_encoders:  # frozen and no longer needed on the device: texts holds their output
         for name in set(family.text_encoders) - set(trainable.modules):
             comps.modules[name].to("cpu")
@@ -183,11 +194,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                     batch = data.micro_batch(step, micro, with_pixels=latents.needs_pixels)
                 with timer.phase("forward"), accelerator.autocast():
                     x0 = latents(batch, generator)  # (N, C, H/f, W/f)
+                    before_cond = generator.get_state() if base is not None else None
                     cond = family.conditioning(comps, texts(batch), batch, x0, generator)  # the denoiser's kwargs
+                    teacher = base.predictor(batch, x0, cond, before_cond) if base is not None else None
                     per_sample = objective.diffusion_loss(lambda noisy, t: family.predict(comps, noisy, t, cond),
                                                           comps.noise_scheduler, x0, generator,
-                                                          cfg.objective.snr_gamma, cfg.objective.offset_noise)  # (N,)
-                    loss = objective.combine(per_sample, batch.is_prior, cfg.prior.loss_weight)
+                                                          cfg.objective.snr_gamma, cfg.objective.offset_noise, teacher,
+                                                          objective.distilled_samples(batch.is_prior, batch.is_preserve,
+                                                                                      cfg.prior.source == "model"))  # (N,)
+                    loss = objective.combine(per_sample, batch.is_prior, cfg.prior.loss_weight, batch.is_preserve,
+                                             cfg.prior.preserve_weight)
                 with timer.phase("backward"):
                     accelerator.backward(loss)
                 with timer.phase("optimizer"):

@@ -36,6 +36,7 @@ class Example:
     path: Path
     prompt: str
     image: Image.Image  # decoded RGB, before resize/crop
+    concept: int = 0  # index of its concept in the concept list
 
 
 def subject_examples(concepts: list[ConceptConfig], data: DataConfig, without_identifier: bool = False) -> list[Example]:
@@ -44,14 +45,22 @@ def subject_examples(concepts: list[ConceptConfig], data: DataConfig, without_id
     without_identifier: drop each concept's identifier word from its prompts (a model family that
     trains without it, `ModelFamily.trains_with_identifier`)."""
     examples = []
-    for concept in concepts:
+    for i, concept in enumerate(concepts):
         paths = list_images(concept.instance_dir, "instance")
         for path, image in zip(paths, load_images(paths, data.min_image_size)):
             prompt = caption_of(path, data) or concept.instance_prompt
             if without_identifier:
                 prompt = " ".join(w for w in prompt.split() if w != concept.resolved_identifier)
-            examples.append(Example(path, prompt, image))
+            examples.append(Example(path, prompt, image, i))
     return examples
+
+
+def class_prompt_twins(subject: list[Example], concepts: list[ConceptConfig]) -> list[Example]:
+    """prior.source=model's class examples: each subject photo again, with its concept's class prompt.
+
+    Class example i is subject example i's twin, so the pairing below (subject i mod N, class i mod N)
+    puts every photo beside its own twin, and both take the same crop and flip (same position)."""
+    return [Example(e.path, concepts[e.concept].class_prompt, e.image, e.concept) for e in subject]
 
 
 def caption_of(path: Path, data: DataConfig) -> str | None:
@@ -72,8 +81,9 @@ def _read_other_caption(path: Path, data: DataConfig) -> str | None:
 def class_examples(files_per_concept: list[list[Path]], concepts: list[ConceptConfig], data: DataConfig) -> list[Example]:
     """Class images (already generated or user-supplied) with their concept's class prompt."""
     examples = []
-    for files, concept in zip(files_per_concept, concepts):
-        examples += [Example(p, concept.class_prompt, image) for p, image in zip(files, load_images(files, data.min_image_size))]
+    for i, (files, concept) in enumerate(zip(files_per_concept, concepts)):
+        examples += [Example(p, concept.class_prompt, image, i)
+                     for p, image in zip(files, load_images(files, data.min_image_size))]
     return examples
 
 
@@ -97,6 +107,11 @@ class DataOrder:
 
     def augmentation_generator(self, position: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 7_919 + 104_729 * position + 1)
+
+    def preserve_prompt(self, position: int, k: int) -> int:
+        """Which of k knowledge-preservation prompts the sample at `position` gets (uniform, a function of position)."""
+        g = torch.Generator().manual_seed(self.seed * 6_151 + 15_485_863 * position + 2)
+        return int(torch.randint(k, (), generator=g))
 
 
 class BucketOrder:
@@ -144,13 +159,14 @@ class BucketOrder:
 
 @dataclass
 class Batch:
-    examples: list[Example]  # subject examples first, then class examples
-    is_prior: torch.Tensor  # (2B,) or (B,) bool
+    examples: list[Example]  # subject examples first, then class examples, then knowledge-preservation ones
+    is_prior: torch.Tensor  # (N,) bool: class examples (prior preservation)
     pixels: torch.Tensor | None  # (N, 3, H, W) in [-1, 1]; None when latents are cached
     indices: list[tuple[str, int]]  # ("subject" | "class", index) per example: the cache keys
     original_sizes: list[tuple[int, int]]  # (height, width) of each photo before resizing
     crops: list[tuple[int, int]]  # (top, left) of each crop in its resized photo
     target_size: tuple[int, int]  # (height, width) of every crop in the batch
+    is_preserve: torch.Tensor | None = None  # (N,) bool: knowledge-preservation examples; None: there are none
 
 
 @dataclass(frozen=True)
@@ -176,13 +192,19 @@ class DreamBoothData:
     buckets: the bucket table (`buckets.bucket_table`), or None to train every example at
     data.resolution square. Subject photos go to the bucket nearest their aspect ratio, class
     images to the nearest of the buckets the subject photos use (generated ones were made there).
+
+    preserve_prompts: knowledge preservation. Every subject example of a batch is followed, after
+    the class examples, by its photo again with one of these prompts (drawn per position), taking
+    the same crop and flip; the loss's target for it is the frozen base model's prediction.
     """
 
     def __init__(self, subject: list[Example], klass: list[Example], data: DataConfig, seed: int,
-                 positions: Positions = Positions(), buckets: list[Size] | None = None):
+                 positions: Positions = Positions(), buckets: list[Size] | None = None,
+                 preserve_prompts: list[str] = ()):
         if not subject:
             raise DreamBoothError("no subject images: check concept.instance_dir")
         self.subject, self.klass, self.data, self.positions = subject, klass, data, positions
+        self.preserve_prompts = list(preserve_prompts)
         self.order = DataOrder(len(subject), len(klass), seed)  # unbucketed pairing, and every crop/flip draw
         self.size = (data.resolution, data.resolution)  # (height, width) of every crop without buckets
         self.bucket_order: BucketOrder | None = None
@@ -225,14 +247,23 @@ class DreamBoothData:
                 class_idx.append((c, p))
         keys = [("subject", s) for s, _ in subject_idx] + [("class", c) for c, _ in class_idx]
         examples = [self.subject[s] for s, _ in subject_idx] + [self.klass[c] for c, _ in class_idx]
-        is_prior = torch.tensor([False] * len(subject_idx) + [True] * len(class_idx))
+        positions = [p for _, p in subject_idx] + [p for _, p in class_idx]
+        preserve_idx = subject_idx if self.preserve_prompts else []
+        for s, p in preserve_idx:  # the photo again (its latent is the subject's cache entry), a general prompt
+            prompt = self.preserve_prompts[self.order.preserve_prompt(p, len(self.preserve_prompts))]
+            e = self.subject[s]
+            keys.append(("subject", s))
+            examples.append(Example(e.path, prompt, e.image, e.concept))
+            positions.append(p)
+        is_prior = torch.tensor([False] * len(subject_idx) + [True] * len(class_idx) + [False] * len(preserve_idx))
+        is_preserve = (torch.tensor([False] * (len(subject_idx) + len(class_idx)) + [True] * len(preserve_idx))
+                       if self.preserve_prompts else None)
         pixels = None
         if with_pixels:
-            positions = [p for _, p in subject_idx] + [p for _, p in class_idx]
             crops = [self.image(kind, i, p) for (kind, i), p in zip(keys, positions)]
             pixels = torch.stack([c.pixels for c in crops])
             sizes, offsets = [c.original_size for c in crops], [c.crop_top_left for c in crops]
         else:  # latents are cached only without augmentation: every crop is the deterministic centre crop
             sizes = [(e.image.height, e.image.width) for e in examples]
             offsets = [crop_box(e.image.width, e.image.height, size)[1:] for e in examples]
-        return Batch(examples, is_prior, pixels, keys, sizes, offsets, size)
+        return Batch(examples, is_prior, pixels, keys, sizes, offsets, size, is_preserve)

@@ -47,6 +47,12 @@ class Trainable:
             p.grad = None
 
 
+def trained_module_names(comps: Components, text_encoders: dict[str, TextEncoderConfig]) -> list[str]:
+    """The modules that train: the denoiser, then every text encoder whose section trains."""
+    return [comps.family.denoiser] + [name for name in comps.family.text_encoders
+                                      if name in text_encoders and text_encoders[name].train]
+
+
 def _lora_config(lora: LoRAConfig, targets: list[str]):
     from peft import LoraConfig
 
@@ -65,8 +71,7 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
     keeps those updates in expectation.
     """
     dtype = torch.bfloat16 if weights_dtype == "bf16" else torch.float32
-    trained = [comps.family.denoiser] + [name for name in comps.family.text_encoders
-                                         if name in text_encoders and text_encoders[name].train]
+    trained = trained_module_names(comps, text_encoders)
     for name in trained:
         module = comps.modules[name]
         if dtype != torch.float32:

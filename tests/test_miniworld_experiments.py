@@ -111,3 +111,19 @@ def test_bar_runs_meets_and_worst_case_table():
     assert "| worst |  |  | 0.50 | 0.25 | 0.50 | 1.00 / 1.00 | 0.50 |" in table
     del results[runs[3].key]  # an incomplete candidate has no mean or worst row
     assert "| worst |  |  | (not run) |" in experiments.render_bar(results, ["demo"])
+
+
+def test_every_bar_candidate_builds_a_valid_config(tmp_path):
+    """Each candidate's settings pass the trainer's checks (prior.source=model gets no class folder), and the
+    knowledge-preservation prompts leave out every prompt the prompt-following measurement asks for."""
+    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.evaluate import EvalSettings, attribute_combinations
+
+    for name, overrides in experiments.BAR_CANDIDATES.items():
+        cfg = demo_config(tmp_path / name, overrides=overrides).validate()
+        assert (cfg.concept.class_dir is None) == (cfg.prior.source == "model"), name
+    asked = {world.describe(*c) for c in attribute_combinations(EvalSettings().attribute_prompts, EvalSettings().seed)}
+    prompts = experiments.preserve_prompts()
+    assert len(prompts) == len(world.world_combinations()) - len(asked) and not asked & set(prompts)
+    table = experiments.render_bar({"base": {"0|ddim|25": {"prompt_following": {"all": 1.0}}}}, ["model-prior+kp"])
+    assert f"prior.preserve_prompts=[{len(prompts)} prompts]" in table

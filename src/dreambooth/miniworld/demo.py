@@ -52,7 +52,8 @@ def demo_config(output_dir: str | Path, subject: str = "banded_heart", base_dir:
     })
     if settings.get("prior.enabled"):
         settings["concept.class_prompt"] = world.class_prompt()
-        settings.setdefault("concept.class_dir", str(output_dir / "class_images"))
+        if settings.get("prior.source", "images") == "images":  # prior.source=model uses no class images
+            settings.setdefault("concept.class_dir", str(output_dir / "class_images"))
     return build_config(dotted_to_nested(settings))
 
 

@@ -38,7 +38,7 @@ from .files import atomic_write_text
 # output formatting) may change.
 MUST_MATCH = (
     "model.family", "concept", "concepts", "data", "prior.enabled", "prior.source", "prior.num_class_images", "prior.loss_weight",
-    "prior.preserve_prompts", "prior.preserve_weight",
+    "prior.preserve_prompts", "prior.preserve_weight", "prior.base_sample_steps",
     "lora", *TEXT_ENCODER_SECTIONS, "model.vae_path", "optim.optimizer", "optim.lr", "optim.beta1",
     "optim.beta2", "optim.weight_decay", "optim.eps", "optim.lr_scheduler", "optim.warmup_steps", "optim.max_grad_norm",
     "objective", "train.method", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",

@@ -59,7 +59,9 @@ def class_prompt_twins(subject: list[Example], concepts: list[ConceptConfig]) ->
     """prior.source=model's class examples: each subject photo again, with its concept's class prompt.
 
     Class example i is subject example i's twin, so the pairing below (subject i mod N, class i mod N)
-    puts every photo beside its own twin, and both take the same crop and flip (same position)."""
+    puts every photo beside its own twin, at the same size (bucket). The loop replaces the twin's clean
+    latent with the base model's own sample for the class prompt (objective.base_samples): the photo
+    gives the sample's size and the class prompt, not its content."""
     return [Example(e.path, concepts[e.concept].class_prompt, e.image, e.concept) for e in subject]
 
 
@@ -194,8 +196,9 @@ class DreamBoothData:
     images to the nearest of the buckets the subject photos use (generated ones were made there).
 
     preserve_prompts: knowledge preservation. Every subject example of a batch is followed, after
-    the class examples, by its photo again with one of these prompts (drawn per position), taking
-    the same crop and flip; the loss's target for it is the frozen base model's prediction.
+    the class examples, by its photo again with one of these prompts (drawn per position); as for
+    prior.source=model's twins, the loop replaces its latent with the base's own sample for that
+    prompt, and the loss's target is the base's prediction.
     """
 
     def __init__(self, subject: list[Example], klass: list[Example], data: DataConfig, seed: int,
@@ -249,7 +252,7 @@ class DreamBoothData:
         examples = [self.subject[s] for s, _ in subject_idx] + [self.klass[c] for c, _ in class_idx]
         positions = [p for _, p in subject_idx] + [p for _, p in class_idx]
         preserve_idx = subject_idx if self.preserve_prompts else []
-        for s, p in preserve_idx:  # the photo again (its latent is the subject's cache entry), a general prompt
+        for s, p in preserve_idx:  # the photo again (its size; its cached latent is the subject's), a general prompt
             prompt = self.preserve_prompts[self.order.preserve_prompt(p, len(self.preserve_prompts))]
             e = self.subject[s]
             keys.append(("subject", s))

@@ -78,7 +78,8 @@ class FrozenBase:
 
     def predictor(self, batch, x0: torch.Tensor, cond: dict[str, Any],
                   generator_state: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """objective.diffusion_loss's `teacher` for this batch: (x_t, t, rows) -> the base's prediction for `rows`.
+        """objective.diffusion_loss's `teacher` for this batch: (x_t, t, rows) -> the base's prediction for the
+        samples of the (N,) mask `rows`, given their x_t and t (M rows).
 
         `cond` is the trained model's conditioning, reused when no text encoder trains (the text tensors
         are the base's own); `generator_state` is the step generator's state before that conditioning
@@ -93,7 +94,7 @@ class FrozenBase:
                 text = {k: torch.stack([self.texts[p][k] for p in prompts]) for k in self.texts[prompts[0]]}
                 base_cond = family.conditioning(self.comps, text, batch, x0, torch.Generator().set_state(generator_state))
             with torch.no_grad(), self._adapters_off():
-                return family.predict(self.comps, noisy[rows], timesteps[rows], _rows(base_cond, rows, n))
+                return family.predict(self.comps, noisy, timesteps, _rows(base_cond, rows, n))
 
         return predict
 

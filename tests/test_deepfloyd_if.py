@@ -101,6 +101,13 @@ def test_prior_preservation_on_stage_ii_is_refused(tiny_if2_dir, photos, tmp_pat
         train(cfg)
 
 
+def test_distilled_samples_on_stage_ii_are_refused(tiny_if2_dir, photos, tmp_path):
+    """Knowledge preservation starts from the base's own sample, which has no low-resolution photo to condition on."""
+    cfg = make_cfg(tiny_if2_dir, photos, tmp_path / "out", 64, prior={"preserve_weight": 1.0, "preserve_prompts": ["a cat"]})
+    with pytest.raises(DreamBoothError, match=r"prior.distills=true cannot be used with .* \(if-ii\)"):
+        train(cfg)
+
+
 # ---- training: golden losses and exact resume ------------------------------------------------------
 
 # Regenerate after an intentional change to the recipe: run the test and copy "actual" from the failure.

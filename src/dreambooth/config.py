@@ -127,6 +127,12 @@ class PriorConfig:
     batch_size: int = _f(4, "Class images generated per batch.")
 
 
+    @property
+    def distills(self) -> bool:
+        """Some samples' targets are the frozen base model's predictions (prior.source=model, knowledge preservation)."""
+        return (self.enabled and self.source == "model") or self.preserve_weight > 0
+
+
 @dataclass
 class LoRAConfig:
     rank: int = _f(4, "LoRA rank r (train.method=lora).")
@@ -415,8 +421,7 @@ class TrainConfig:
 
     @property
     def distills(self) -> bool:
-        """Some samples' targets are the frozen base model's predictions (prior.source=model, knowledge preservation)."""
-        return (self.prior.enabled and self.prior.source == "model") or self.prior.preserve_weight > 0
+        return self.prior.distills
 
 
 def _check_choices(obj, prefix: str = "") -> None:

@@ -114,8 +114,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise DreamBoothError(f"{out} already holds checkpoints of an earlier run: add --train.resume to continue it, "
                               "or choose another train.output_dir")
 
-    # 2. prior preservation: class images made by the base model itself, or (prior.source=model) the
-    # subject photos again with the class prompt, whose targets the frozen base model predicts
+    # 2. prior preservation: class images made by the base model itself, or (prior.source=model) a
+    # class-prompt sample beside each subject photo, which the frozen base draws and predicts in the loop
     klass = []
     if cfg.prior.enabled and cfg.prior.source == "model":
         klass = class_prompt_twins(subject, concepts)

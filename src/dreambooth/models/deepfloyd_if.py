@@ -162,7 +162,9 @@ class IFStageIIFamily(_IFBase):
     # learns the subject's fine detail, not its name; concept.identifier names the word to drop
     trains_with_identifier = False
     refuses = {"prior.enabled=True": "class images for the upscaler would need the whole cascade; the seed's stage II "
-               "recipes train without prior preservation (train stage I with it)"}
+               "recipes train without prior preservation (train stage I with it)",
+               "prior.distills=True": "a distilled sample starts from the base's own sample, but the upscaler "
+               "conditions on a low-resolution copy of the photo (prior.source=model, prior.preserve_weight > 0)"}
 
     def conditioning(self, comps: Components, text: dict[str, torch.Tensor], batch, x0, generator) -> dict:
         """The noised low-resolution copy of x0 and its noise level, as the pipeline conditions the upscaler."""

@@ -86,15 +86,18 @@ class FrozenBase:
         was built, so a rebuilt one draws the same numbers (an upscaler's noise augmentation).
         """
         family, n = self.comps.family, x0.shape[0]
+        built: dict[str, dict] = {}  # the base's conditioning, built on the first call
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            base_cond = cond
-            if self.texts is not None:
-                prompts = [e.prompt for e in batch.examples]
-                text = {k: torch.stack([self.texts[p][k] for p in prompts]) for k in self.texts[prompts[0]]}
-                base_cond = family.conditioning(self.comps, text, batch, x0, torch.Generator().set_state(generator_state))
+            if "cond" not in built:
+                built["cond"] = cond
+                if self.texts is not None:
+                    prompts = [e.prompt for e in batch.examples]
+                    text = {k: torch.stack([self.texts[p][k] for p in prompts]) for k in self.texts[prompts[0]]}
+                    built["cond"] = family.conditioning(self.comps, text, batch, x0,
+                                                        torch.Generator().set_state(generator_state))
             with torch.no_grad(), self._adapters_off():
-                return family.predict(self.comps, noisy, timesteps, _rows(base_cond, rows, n))
+                return family.predict(self.comps, noisy, timesteps, _rows(built["cond"], rows, n))
 
         return predict
 

@@ -92,7 +92,7 @@ BAR_CANDIDATES: dict[str, dict] = {
     "demo": {},  # today's demo recipe, the reference
     "model-prior": MODEL_PRIOR,
     "model-prior+kp": {**MODEL_PRIOR, "prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": PRESERVE_WEIGHT},
-    # class images for the class prompt (the demo's), knowledge preservation for the rest (not measured yet)
+    # class images for the class prompt (the demo's), knowledge preservation for the rest
     "demo+kp": {"prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": PRESERVE_WEIGHT},
 }
 

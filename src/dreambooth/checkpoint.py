@@ -5,6 +5,7 @@ continue as if it had never stopped:
 
     trainable.safetensors   the trainable weights only (all UNet weights, or just the adapters)
     optimizer.pt            optimizer state
+    ema.safetensors         the moving average of the trainable weights (ema.enabled only)
     training_state.pt       LR schedule, the noise/timestep generator, torch/numpy/python RNG states
     state.json              step, base-model fingerprint (human readable)
     config.yaml             the resolved configuration
@@ -41,7 +42,7 @@ MUST_MATCH = (
     "lora", *TEXT_ENCODER_SECTIONS, "model.vae_path", "optim.optimizer", "optim.lr", "optim.beta1",
     "optim.beta2", "optim.weight_decay", "optim.eps", "optim.lr_scheduler", "optim.warmup_steps", "optim.max_grad_norm",
     "objective", "train.method", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
-    "memory.mixed_precision", "memory.weights_dtype", "optim.moments_dtype", "optim.fused_backward",
+    "memory.mixed_precision", "memory.weights_dtype", "optim.moments_dtype", "optim.fused_backward", "ema",
 )
 
 
@@ -66,8 +67,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, generator: torch.Generator,
-                    resolved: dict, keep: int, model_fingerprint: str) -> Path:
-    """Write step `step`'s checkpoint; `resolved` is the run's whole configuration (to_dict), kept for resume."""
+                    resolved: dict, keep: int, model_fingerprint: str, ema=None) -> Path:
+    """Write step `step`'s checkpoint; `resolved` is the run's whole configuration (to_dict), kept for resume.
+    `ema`: the run's `ema.WeightAverage`, saved when enabled."""
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -76,6 +78,9 @@ def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, g
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.named().items()}, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    ema_weights, ema_updates = ema.state_dict() if ema is not None else ({}, {})
+    if ema_weights:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema_weights.items()}, tmp / "ema.safetensors")
     torch.save({
         "lr_scheduler": lr_scheduler.state_dict(),
         "generator": generator.get_state(),
@@ -83,6 +88,7 @@ def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, g
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
+        "ema_updates": ema_updates,
     }, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps(
         {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
@@ -122,8 +128,8 @@ def check_resume_compatible(checkpoint: Path, cfg: TrainConfig, model_fingerprin
     return state["step"]
 
 
-def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, generator: torch.Generator) -> None:
-    """Restore weights, optimizer, schedule and every RNG in place."""
+def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, generator: torch.Generator, ema=None) -> None:
+    """Restore weights, optimizer, schedule, every RNG and the weights' moving average (`ema`) in place."""
     weights = load_file(checkpoint / "trainable.safetensors")
     named = trainable.named()
     if set(weights) != set(named):
@@ -140,3 +146,8 @@ def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, genera
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if ema is not None and ema.enabled:  # MUST_MATCH["ema"]: a checkpoint of an EMA run has the file
+        averages = load_file(checkpoint / "ema.safetensors")
+        if set(averages) != set(named):
+            raise DreamBoothError(f"{checkpoint / 'ema.safetensors'} does not match this model's trainable weights")
+        ema.load_state_dict(averages, state["ema_updates"])

@@ -123,6 +123,8 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         f"- prior preservation: {cfg.prior.enabled}"
         + (f" ({cfg.prior.num_class_images} class images, weight {cfg.prior.loss_weight:g})" if cfg.prior.enabled else ""),
         f"- Min-SNR gamma: {cfg.objective.snr_gamma}; mixed precision: {cfg.memory.mixed_precision}",
+        *([f"- weights: the exponential moving average of the trained weights (decay up to {cfg.ema.decay:g}, "
+           f"warm-up {'on' if cfg.ema.warmup else 'off'})"] if cfg.ema.enabled else []),
         f"- preset: {cfg.preset or 'none'}; full settings in `config.yaml`",
         "",
         "## Use",

@@ -2,7 +2,8 @@
 
     1. check the settings, load the model, read and validate every photo (fail before any work)
     2. generate missing class images (prior preservation)
-    3. choose what trains (full / LoRA, text encoder), memory options, optimizer, LR schedule
+    3. choose what trains (full / LoRA, text encoder), memory options, optimizer, LR schedule,
+       the weights' moving average (ema.enabled: what validation and export use)
     4. cache latents / text embeddings when nothing about them changes during training
     5. resume from the latest checkpoint if asked
     6. the loop: per optimizer step, `gradient_accumulation_steps` micro-batches of subject
@@ -32,6 +33,7 @@ from .data.buckets import buckets_for, class_image_counts, nearest_bucket
 from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
 from .data.dataset import DreamBoothData, Positions, class_examples, subject_examples
 from .doctor import log_short_report
+from .ema import WeightAverage
 from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
@@ -139,6 +141,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             _place(module, accelerator.device, torch.float32 if name in comps.keep_fp32 else weight_dtype)
     *models, optimizer = accelerator.prepare(*(comps.modules[n] for n in trainable.modules), optimizer)
     comps.modules.update(zip(trainable.modules, models))  # the trained modules, as accelerate wraps them
+    ema = WeightAverage(trainable, cfg.ema)  # fp32, beside the weights; every call a no-op unless ema.enabled
     stop_steps = {name: te.stop_step for name, te in text_encoders.items() if name in trainable.modules and te.stop_step is not None}
 
     # 4. inputs: encode each image / prompt once when the result cannot change
@@ -153,7 +156,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 5. resume
     generator = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, latent samples
     if resume_from is not None:
-        ckpt.load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator)
+        ckpt.load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator, ema)
         log.info("resumed from %s at step %d", resume_from, start_step)
     for name, stop in stop_steps.items():
         if start_step >= stop:
@@ -199,6 +202,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             step_loss += loss.detach() / accum
         timer.end_step()
         lr_scheduler.step()
+        ema.update()
         done = step + 1
         step_loss = step_loss.item()  # one host sync per step, not per micro-batch
         result.losses[done] = step_loss
@@ -214,15 +218,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
-                                     cfg.checkpoint.keep, fingerprint)
+                                     cfg.checkpoint.keep, fingerprint, ema)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
-            _validate(comps, trainable, cfg, data, texts, accelerator, logger, done)
+            _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, done)
         if done < cfg.train.max_steps and (out / STOP_FILE).exists():
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 if ckpt.latest_checkpoint(out) != ckpt.checkpoints_root(out) / f"step-{done:06d}":  # not saved above
                     ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
-                                         cfg.checkpoint.keep, fingerprint)
+                                         cfg.checkpoint.keep, fingerprint, ema)
                 (out / STOP_FILE).unlink(missing_ok=True)
             result.stopped = True
             log.info("stop requested: checkpoint written at step %d; continue with train.resume", done)
@@ -241,14 +245,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     comps.modules.update({name: accelerator.unwrap_model(comps.modules[name]) for name in trainable.modules})
     photos = [e.image for e in data.subject]  # an upscaler's validation input
     if accelerator.is_main_process:
-        # The model is written before the final validation, so a failure there cannot lose it.
-        export(comps, out, trainable, cfg.train.method == "lora", cfg.export,
-               card=model_card(cfg, family, None, result, out, model_dir), config_yaml=yaml_text(cfg))
-        if cfg.validation.prompts:
-            with accelerator.autocast():
-                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger, photos,
-                                texts if cfg.memory.offload_text_encoders else None)
-            update_model_card(out, model_card(cfg, family, grid, result, out, model_dir))
+        with ema.applied():  # ema.enabled: the averaged weights are the model written and shown
+            # The model is written before the final validation, so a failure there cannot lose it.
+            export(comps, out, trainable, cfg.train.method == "lora", cfg.export,
+                   card=model_card(cfg, family, None, result, out, model_dir), config_yaml=yaml_text(cfg))
+            if cfg.validation.prompts:
+                with accelerator.autocast():
+                    grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger,
+                                    photos, texts if cfg.memory.offload_text_encoders else None)
+                update_model_card(out, model_card(cfg, family, grid, result, out, model_dir))
     logger.close()
     result.seconds = time.time() - start_time
     accelerator.end_training()
@@ -293,13 +298,14 @@ def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, mod
     return files
 
 
-def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> None:
-    """Render the validation grid from the unwrapped modules, then hand the wrapped ones back to training."""
+def _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, step) -> None:
+    """Render the validation grid from the unwrapped modules (with the averaged weights when ema.enabled),
+    then hand the wrapped ones, with the trained weights, back to training."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         wrapped = {name: comps.modules[name] for name in trainable.modules}
         comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
-        with accelerator.autocast():
+        with ema.applied(), accelerator.autocast():
             validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
                      [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
         comps.modules.update(wrapped)

@@ -164,3 +164,35 @@ def test_resume_refuses_to_switch_the_average_on(tiny_sd_dir, photos, tmp_path):
     assert ckpt.check_resume_compatible(checkpoint, cfg, "f") == 2
     with pytest.raises(DreamBoothError, match="ema changed"):
         ckpt.check_resume_compatible(checkpoint, make_cfg(tiny_sd_dir, photos, tmp_path / "out", ema={"enabled": True}), "f")
+
+
+def test_validation_renders_the_average_and_training_goes_on_from_the_trained_weights(tiny_sd_dir, photos, tmp_path,
+                                                                                       monkeypatch):
+    """The validation grid during training (step 2) and at the end (step 3) is drawn with the averages;
+    training after the mid-run validation continues from the trained weights (its losses are those of a
+    run without validation)."""
+    import dreambooth.train as recipe
+
+    seen = {}
+    real = recipe.validate
+
+    def recording_validate(comps, vcfg, resolution, samples_dir, step, *args, **kwargs):
+        seen[step] = {f"unet.{k}": v.detach().clone() for k, v in comps.modules["unet"].named_parameters()
+                      if v.requires_grad}
+        return real(comps, vcfg, resolution, samples_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "validate", recording_validate)
+    settings = dict(ema={"enabled": True}, train={"max_steps": 3}, checkpoint={"every_n_steps": 1, "keep": 3})
+    validated = train(make_cfg(tiny_sd_dir, photos, tmp_path / "v", **settings,
+                               validation={"prompts": ["a photo of sks dog"], "every_n_steps": 2, "num_images": 1,
+                                           "num_inference_steps": 2}))
+    assert sorted(seen) == [2, 3]
+    for step in (2, 3):
+        folder = tmp_path / "v" / "checkpoints" / f"step-{step:06d}"
+        averaged, trained = load_file(folder / "ema.safetensors"), load_file(folder / "trainable.safetensors")
+        assert seen[step].keys() == {k for k in averaged if k.startswith("unet.")}
+        for name, value in seen[step].items():
+            assert torch.equal(value, averaged[name]), name
+        assert any(not torch.equal(averaged[n], trained[n]) for n in seen[step])
+    plain = train(make_cfg(tiny_sd_dir, photos, tmp_path / "p", **settings))
+    assert validated.losses == plain.losses  # bitwise: the trained weights came back exactly

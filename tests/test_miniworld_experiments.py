@@ -82,3 +82,32 @@ def test_aspect_ratio_runs_and_their_table():
     assert "| mixed | buckets | 800 | 1 | 0.40 | 0.20 | 0.00 | 1.00 / 0.40 | 0.50 | 0.020 |" in tables
     assert "| mixed | buckets | 800 | mean | 0.40 | 0.20 | 0.00 | 1.00 / 0.40 | 0.50 | 0.020 |" in tables
     assert "| mixed | square centre crop | 800 | mean | (not run) |" in tables
+
+
+def test_bar_runs_meets_and_worst_case_table():
+    """The acceptance bar: a run per (subject, seed), the targets each run misses, the mean and the worst case."""
+    runs = experiments.bar_runs("demo")
+    assert len(runs) == len(world.SUBJECTS) * len(experiments.BAR_SEEDS)
+    assert {(r.subject, r.overrides["train.seed"]) for r in runs} == {(s, k) for s in world.SUBJECTS for k in experiments.BAR_SEEDS}
+    assert len({r.key for r in runs}) == len(runs) and all(r.steps == (experiments.BAR_STEPS,) for r in runs)
+    with pytest.raises(ValueError, match="unknown bar candidate 'nope'"):
+        experiments.bar_runs("nope")
+
+    base = {"prompt_following": {"all": 0.99}, "class_diversity": {"shape": 1.0, "colour": 1.0}, "roughness": 0.02}
+
+    def metrics(subject, prompt, drift, following):
+        return {"subject_fidelity": subject, "prompt_fidelity": prompt, "class_drift": drift, "roughness": 0.02,
+                "class_diversity": {"shape": 1.0, "colour": 1.0}, "prompt_following": {"all": following}}
+
+    good = metrics(0.95, 0.85, 0.05, 0.95)
+    assert experiments.meets(good, base) == []
+    assert experiments.meets(metrics(0.89, 0.85, 0.11, 0.93), base) == ["subject", "drift", "following"]
+    results = {"base": {"0|ddim|25": base}, **{r.key: {"800|ddim|25": good} for r in runs}}
+    results[runs[0].key]["800|ddim|25"] = metrics(0.5, 0.25, 0.5, 0.5)
+    table = experiments.render_bar(results, ["demo"])
+    assert f"| {runs[0].subject} | 0 | subject, prompt, drift, following | 0.50 | 0.25 | 0.50 |" in table
+    assert f"| {runs[1].subject} | 1 | meets | 0.95 |" in table
+    assert f"| mean |  | {len(runs) - 1}/{len(runs)} meet |" in table
+    assert "| worst |  |  | 0.50 | 0.25 | 0.50 | 1.00 / 1.00 | 0.50 |" in table
+    del results[runs[3].key]  # an incomplete candidate has no mean or worst row
+    assert "| worst |  |  | (not run) |" in experiments.render_bar(results, ["demo"])

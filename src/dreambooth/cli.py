@@ -17,6 +17,8 @@ from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_
 from .errors import DreamBoothError
 from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
 
+TEMPLATES_CHOICES = ("live", "object")  # evaluation.real.TEMPLATES' keys (not imported here: it needs torch)
+
 TRAIN_EPILOG = """examples:
   dreambooth train --preset object --model.path ./stable-diffusion-v1-5 \\
       --concept.instance_dir ./dog --concept.instance_prompt "a photo of sks dog"
@@ -161,6 +163,11 @@ def cmd_demo(args) -> None:
 def cmd_evaluate(args) -> None:
     import json
 
+    if args.real:
+        return cmd_evaluate_real(args)
+    if not args.subject:
+        raise DreamBoothError("--subject NAME is required for a miniature-world model (e.g. --subject banded_heart); "
+                              "for a real model pass --real with --dino and --clip")
     from .miniworld.evaluate import base_of, evaluate, format_table
 
     result = evaluate(args.model, args.subject, base_dir=None if args.no_base else (args.base or base_of(args.model)),
@@ -169,6 +176,34 @@ def cmd_evaluate(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"written to {args.json}")
+
+
+def cmd_evaluate_real(args) -> None:
+    from .evaluation.real import TEMPLATES, RealEvalSettings, defaults_from_output, evaluate_real, format_table
+
+    if not args.dino or not args.clip:
+        raise DreamBoothError("--real needs both --dino PATH (a local facebook/dino-vits16 folder) and --clip PATH "
+                              "(a local CLIP folder, e.g. openai/clip-vit-large-patch14); nothing is downloaded")
+    found = defaults_from_output(args.model)
+    photos = args.photos or found.get("photos")
+    if not photos:
+        raise DreamBoothError(f"{args.model} has no config.yaml naming the subject photos: pass --photos DIR")
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise DreamBoothError(f"--prompts-file {args.prompts_file}: no such file (one template a line, e.g. "
+                                  "'a {identifier} {noun} in the snow')")
+        templates = tuple(t.strip() for t in Path(args.prompts_file).read_text().splitlines() if t.strip())
+    else:
+        templates = TEMPLATES[args.subject_type][: args.num_prompts]
+    settings = RealEvalSettings(
+        identifier=args.identifier or found.get("identifier"), noun=args.class_noun or found.get("noun"),
+        templates=templates, class_prompt=args.class_prompt or found.get("class_prompt"), num_images=args.num_images,
+        class_images=args.class_images, seed=args.seed, scheduler=args.scheduler, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size)
+    result = evaluate_real(args.model, photos, args.dino, args.clip, settings, lora_base=args.lora_base,
+                           device=_device(), out_dir=args.out_dir)
+    print(format_table(result))
+    print(f"written to {Path(args.out_dir or args.model) / 'evaluation-real.json'}")
 
 
 def cmd_doctor(args) -> int:
@@ -263,18 +298,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("evaluate", help="measure a miniature-world model: subject fidelity, prompt fidelity, drift, diversity",
-                       description="Score a trained output (full or LoRA) of the miniature base with the bundled "
-                       "attribute classifier, beside the base model for reference.")
-    p.add_argument("model", help="a dreambooth output folder trained from the miniature base")
-    p.add_argument("--subject", required=True, help="the held-out subject it was taught")
-    p.add_argument("--n", type=int, default=32, help="images per prompt (fixed seeds)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("evaluate", help="measure a model: the miniature world's classifier, or DINO/CLIP metrics (--real)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score a trained output (full or LoRA). Without --real: a miniature-world model, with "
+                       "the bundled attribute classifier, beside the base model for reference. With --real: any model, "
+                       "with the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV; docs/metrics.md) against "
+                       "the subject's photos, using DINO and CLIP folders you downloaded beforehand.",
+                       epilog="examples:\n"
+                       "  dreambooth evaluate outputs/heart --subject banded_heart            # miniature world\n"
+                       "  dreambooth evaluate outputs/my_dog --real --dino ./dino-vits16 --clip ./clip-vit-large-patch14 \\\n"
+                       "      --subject-type live                     # photos, identifier, noun from its config.yaml\n"
+                       "  dreambooth evaluate ./sd15 --real --dino ./dino-vits16 --clip ./clip --photos ./dog \\\n"
+                       "      --identifier sks --class-noun dog       # a base model as the baseline\n"
+                       "fetch the scorers once, where there is internet:\n"
+                       "  huggingface-cli download facebook/dino-vits16 --local-dir ./dino-vits16\n"
+                       "  huggingface-cli download openai/clip-vit-large-patch14 --local-dir ./clip-vit-large-patch14")
+    p.add_argument("model", help="a dreambooth output folder (full or LoRA), or any pipeline folder")
+    p.add_argument("--subject", default=None, help="miniature world: the held-out subject it was taught")
+    p.add_argument("--n", type=int, default=32, help="miniature world: images per prompt (fixed seeds)")
+    p.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i")
     p.add_argument("--base", default=None, help="reference base model (default: the bundled miniature base the output "
                    "was trained from, SD or SDXL)")
     p.add_argument("--no-base", action="store_true", help="skip measuring the base")
     p.add_argument("--lora-base", default=None, help="base for a LoRA output whose config.yaml path moved")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--json", default=None, help="miniature world: also write the results as JSON here")
+    real = p.add_argument_group("real models (--real)")
+    real.add_argument("--real", action="store_true", help="score with DINO / CLIP against the subject's photos "
+                      "(writes evaluation-real.json and evaluation-real.png)")
+    real.add_argument("--dino", metavar="PATH", help="local DINO ViT folder (facebook/dino-vits16, a ViTModel): DINO, "
+                      "PRES and DIV")
+    real.add_argument("--clip", metavar="PATH", help="local CLIP folder with its tokenizer (CLIPModel, e.g. "
+                      "openai/clip-vit-large-patch14): CLIP-I and CLIP-T")
+    real.add_argument("--photos", metavar="DIR", help="the subject's photos (default: concept.instance_dir of the "
+                      "output's config.yaml)")
+    real.add_argument("--identifier", help="the rare token (default: from config.yaml, e.g. sks); CLIP-T scores each "
+                      "prompt without it")
+    real.add_argument("--class-noun", help="the class noun that follows the identifier (default: the instance "
+                      "prompt's last word, e.g. dog)")
+    real.add_argument("--subject-type", choices=sorted(TEMPLATES_CHOICES), default="object",
+                      help="DreamBench's prompt list: object (20 new contexts + 5 property changes) or live (dogs, "
+                      "cats: 10 contexts, 10 accessories, 5 properties)")
+    real.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts of the list (a quick "
+                      "look; the paper uses all 25)")
+    real.add_argument("--prompts-file", metavar="FILE", help="your own prompt templates, one a line, with {identifier} "
+                      "and {noun}, e.g. 'a {identifier} {noun} in the snow'")
+    real.add_argument("--num-images", type=int, default=4, help="images per prompt (the paper: 4; at least 2 for DIV)")
+    real.add_argument("--class-images", type=int, default=16, help="images of the class prompt for PRES")
+    real.add_argument("--class-prompt", help="PRES's prompt (default: config.yaml's class_prompt, else 'a NOUN')")
+    real.add_argument("--scheduler", choices=SAMPLERS, default="dpm++", help="sampler (default dpm++)")
+    real.add_argument("--steps", type=int, default=25, help="inference steps")
+    real.add_argument("--guidance-scale", type=float, default=7.5)
+    real.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    real.add_argument("--batch-size", type=int, default=4)
+    real.add_argument("--out-dir", default=None, help="where the JSON and the grid go (default: MODEL)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("doctor", help="check a folder of photos before training: buckets, duplicates, blur, captions",

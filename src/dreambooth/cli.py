@@ -1,4 +1,4 @@
-"""Command line: `dreambooth train | class-images | sample | convert | demo | evaluate | doctor | ui`.
+"""Command line: `dreambooth train | class-images | sample | convert | demo | evaluate | identifier | doctor | ui`.
 
 `train` and `class-images` take every `TrainConfig` field as a dotted flag (`--optim.lr 2e-6`),
 generated from the dataclasses, so the flags, the YAML files and `--help` cannot drift apart.
@@ -206,6 +206,29 @@ def cmd_evaluate_real(args) -> None:
     print(f"written to {Path(args.out_dir or args.model) / 'evaluation-real.json'}")
 
 
+def cmd_identifier(args) -> None:
+    from .identifier import ClassifierMeasure, ClipMeasure, IdentifierSettings, format_table, pick_identifier
+    from .miniworld.evaluate import BASES, DEFAULT_CLASSIFIER
+
+    miniature = any(Path(args.model).resolve() == base.resolve() for base in BASES.values())
+    measure = None
+    if not args.no_render:
+        if args.classifier or (miniature and not args.clip):
+            measure = ClassifierMeasure(args.classifier or DEFAULT_CLASSIFIER)
+        elif args.clip:
+            measure = ClipMeasure(args.clip, _device())
+    settings = IdentifierSettings(
+        noun=args.class_noun, template=args.prompt, class_template=args.class_prompt, num_candidates=args.num_candidates,
+        max_length=args.max_length, id_range=tuple(args.id_range) if args.id_range else None, exclude=tuple(args.exclude),
+        tokens=tuple(args.token), num_images=args.num_images, seed=args.seed, scheduler=args.scheduler,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
+        threshold=args.threshold)
+    out_dir = Path(args.out_dir or f"outputs/identifier-{Path(args.model).name}")
+    result = pick_identifier(args.model, settings, out_dir, measure=measure, render=not args.no_render, device=_device())
+    print(format_table(result))
+    print(f"written to {out_dir} (identifier.json" + (", grid.png, tokens/*.png)" if not args.no_render else ")"))
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run
 
@@ -352,6 +375,47 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--batch-size", type=int, default=4)
     real.add_argument("--out-dir", default=None, help="where the JSON and the grid go (default: MODEL)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("identifier", help="pick a rare-token identifier (like sks) for a base model, the paper's way",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="List rare tokens of the model's vocabulary that could name your subject (1-3 "
+                       "letters, no common word, one token in every tokenizer of the model), render 'a photo of TOKEN "
+                       "NOUN' beside 'a photo of a NOUN' with the same seeds, and flag the tokens the model already "
+                       "associates with something. The measure: the bundled classifier for the miniature base, CLIP "
+                       "(--clip) elsewhere; without either, the grids only.",
+                       epilog="examples:\n"
+                       "  dreambooth identifier --model ./stable-diffusion-v1-5 --class-noun dog --clip ./clip-vit-large-patch14\n"
+                       "  dreambooth identifier --model ./sdxl-base --class-noun dog --token sks --token ohwx   # check yours too\n"
+                       "  dreambooth identifier --model src/dreambooth/miniworld/assets/base --class-noun toy\n"
+                       "  dreambooth identifier --model ./IF-I-XL-v1.0 --class-noun dog --id-range 5000 10000 --no-render")
+    p.add_argument("--model", required=True, help="the base model folder you will train (or a single-file checkpoint)")
+    p.add_argument("--class-noun", required=True, help="the class noun of your subject, e.g. dog")
+    p.add_argument("--token", action="append", default=[], metavar="WORD",
+                   help="also check this identifier (repeat for several), e.g. --token sks")
+    p.add_argument("--num-candidates", type=int, default=8, help="rare tokens to list (default 8)")
+    p.add_argument("--max-length", type=int, default=3, help="longest candidate, in letters (the paper: 3)")
+    p.add_argument("--id-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="draw from token ids LO <= id < HI of the first tokenizer (default: its rarer half; the paper "
+                   "used 5000 10000 of T5's 32,000)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="WORD", help="more words never to propose")
+    p.add_argument("--prompt", default="a photo of {token} {noun}", help="the subject prompt template (default: "
+                   "'a photo of {token} {noun}', as your instance prompt will read)")
+    p.add_argument("--class-prompt", default="a photo of a {noun}", help="the plain class prompt template")
+    p.add_argument("--num-images", type=int, default=4, help="renders per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    p.add_argument("--scheduler", choices=SAMPLERS, default="dpm++")
+    p.add_argument("--steps", type=int, default=25, help="inference steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--clip", metavar="PATH", help="a local CLIP folder: measure how far each token's renders are "
+                   "from the class prompt's")
+    p.add_argument("--classifier", metavar="DIR", help="a miniature-world attribute classifier (default for the "
+                   "bundled miniature bases: the bundled one)")
+    p.add_argument("--threshold", type=float, default=None, help="flag tokens whose association exceeds this "
+                   "(default: 0.25 total variation for the classifier, 0.05 cosine for CLIP)")
+    p.add_argument("--no-render", action="store_true", help="only list the candidates and their tokenization")
+    p.add_argument("--out-dir", default=None, help="default: outputs/identifier-MODELNAME")
+    p.set_defaults(func=cmd_identifier)
 
     p = sub.add_parser("doctor", help="check a folder of photos before training: buckets, duplicates, blur, captions",
                        description="Report what training will make of a folder of photos: each photo's size, aspect, "

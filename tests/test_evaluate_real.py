@@ -77,7 +77,7 @@ def test_bad_scorer_folders_fail_in_one_line_naming_the_path(scorers, tmp_path):
         message = str(err.value)
         assert what in message and str(path) in message and "huggingface-cli download" in message
         assert "\n" not in message
-    with pytest.raises(DreamBoothError, match="placeholder"):
+    with pytest.raises(DreamBoothError, match="unknown field"):
         RealEvalSettings(identifier="sks", noun="dog", templates=("a {identifer} {noun}",))
 
 

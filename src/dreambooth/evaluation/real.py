@@ -82,7 +82,7 @@ class RealEvalSettings:
         try:
             self.prompts = [t.format(identifier=self.identifier, noun=self.noun) for t in self.templates]
         except (KeyError, IndexError) as e:
-            raise DreamBoothError(f"a prompt template uses an unknown placeholder {e}; templates may use only "
+            raise DreamBoothError(f"a prompt template names an unknown field {e}; templates may use only "
                                   "{identifier} and {noun}, e.g. 'a {identifier} {noun} in the snow'") from None
         self.class_prompt = (self.class_prompt or "a {noun}").format(noun=self.noun)
 

@@ -111,3 +111,31 @@ def test_evaluate_real_cli_on_a_trained_output(tiny_sd_dir, scorers, tmp_path, c
     assert main(["evaluate", str(tiny_sd_dir), "--real", "--dino", str(dino_dir), "--clip", str(clip_dir)]) == 2
     err = capsys.readouterr().err
     assert "nope: no such folder" in err and "--photos DIR" in err
+
+
+def test_evaluate_real_loads_a_lora_output_on_its_base(tiny_sd_dir, scorers, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from dreambooth.evaluation.real import evaluate_real
+
+    dino_dir, clip_dir = scorers
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        _image(i).save(photos / f"{i}.png")
+    # A LoRA output as train writes it: adapters (random, so they change the images) and config.yaml naming the base.
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]))
+    out = tmp_path / "lora"
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_sd_dir)}}))
+    settings = dict(identifier="sks", noun="dog", templates=TEMPLATES["live"][:1], num_images=2, class_images=2,
+                    scheduler="ddim", num_inference_steps=2, resolution=32)
+    lora = evaluate_real(out, photos, dino_dir, clip_dir, RealEvalSettings(**settings))
+    base = evaluate_real(tiny_sd_dir, photos, dino_dir, clip_dir, RealEvalSettings(**settings), out_dir=tmp_path / "base")
+    assert (out / "evaluation-real.json").is_file() and (tmp_path / "base" / "evaluation-real.json").is_file()
+    assert lora["metrics"]["dino"] != pytest.approx(base["metrics"]["dino"], abs=1e-6)  # the adapters were applied
+    assert lora["real_images"] == base["real_images"]  # the same photos, the same scorers

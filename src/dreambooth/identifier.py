@@ -96,6 +96,13 @@ class Candidate:
         return all(len(ids) == 1 for ids in self.ids.values())
 
 
+def tokenizers_of(model_dir: Path, family) -> dict:
+    """The model's tokenizers by part name (tokenizer, tokenizer_2), without loading any weights."""
+    from transformers import AutoTokenizer
+
+    return {part: AutoTokenizer.from_pretrained(model_dir / part) for part in family.parts if part.startswith("tokenizer")}
+
+
 def token_ids(tokenizers: dict, word: str) -> dict[str, list[int]]:
     """The ids `word` becomes in each tokenizer, without the start/end tokens."""
     return {name: tok(word, add_special_tokens=False).input_ids for name, tok in tokenizers.items()}
@@ -201,20 +208,23 @@ def pick_identifier(model_dir: str | Path, settings: IdentifierSettings, out_dir
         dict: {"model", "tokenizers": {name: vocabulary size}, "settings", "measure", "candidates": [...]}, the
         candidates ranked: measured ones by association (lowest first), the flagged ones last.
     """
-    from .models.load import load_components, model_folder
     from .config import ModelConfig
+    from .models.load import detect_family, model_folder
     from .sampling import generate, image_grid, make_scheduler
 
     t0 = time.time()
     s = settings
     model_dir = model_folder(ModelConfig(path=str(model_dir)))  # a single-file checkpoint: its converted folder
-    comps = load_components(model_dir)
-    if not comps.family.trains_with_identifier:
-        raise DreamBoothError(f"{model_dir} ({comps.family.name}) trains without an identifier (its prompts drop it); "
+    family = detect_family(model_dir)
+    if not family.trains_with_identifier:
+        raise DreamBoothError(f"{model_dir} ({family.name}) trains without an identifier (its prompts drop it); "
                               "pick the identifier with the first stage's model instead")
-    candidates = rare_candidates(comps.tokenizers, s)
+    # Rendering needs every part; listing needs the tokenizers only (SDXL's or IF's weights are many GB).
+    comps = family.load(model_dir) if render else None
+    tokenizers = comps.tokenizers if comps else tokenizers_of(model_dir, family)
+    candidates = rare_candidates(tokenizers, s)
     known = {c.token for c in candidates}
-    candidates = checked_tokens(comps.tokenizers, tuple(t for t in s.tokens if t not in known)) + candidates
+    candidates = checked_tokens(tokenizers, tuple(t for t in s.tokens if t not in known)) + candidates
     if not candidates:
         raise DreamBoothError(f"no token of {s.max_length} letters or fewer in ids {s.id_range or 'the rarer half'} of "
                               f"{model_dir}'s vocabulary is a single token in every tokenizer; widen --id-range or "
@@ -244,7 +254,7 @@ def pick_identifier(model_dir: str | Path, settings: IdentifierSettings, out_dir
         image_grid([im for row in rows for im in row], cols=s.num_images).save(out_dir / "grid.png")
     # Best first: single tokens before split ones, then unflagged before flagged, then the weakest association.
     candidates.sort(key=lambda c: (not c.single, c.flagged, c.association if c.association is not None else 0.0))
-    result = {"model": str(model_dir), "tokenizers": {n: len(t) for n, t in comps.tokenizers.items()},
+    result = {"model": str(model_dir), "tokenizers": {n: len(t) for n, t in tokenizers.items()},
               "settings": asdict(s), "measure": getattr(measure, "name", None), "threshold": threshold,
               "candidates": [{**asdict(c), "single": c.single} for c in candidates], "seconds": round(time.time() - t0, 1)}
     (out_dir / "identifier.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -168,7 +168,7 @@ def evaluate_real(model_dir: str | Path, photos_dir: str | Path, dino: str | Pat
 
     t0 = time.time()
     s = settings
-    photos = load_images(list_images(photos_dir, "subject photo"), min_size=0)
+    photos = load_images(list_images(photos_dir, "instance"), min_size=0)
     dino_model, clip_model = DinoEmbedder(dino, device), ClipEmbedder(clip, device)
     pipe = load_trained_pipeline(model_dir, base=lora_base, scheduler=s.scheduler, device=device)
 

@@ -13,7 +13,8 @@ from PIL import Image
 from dreambooth.cli import main
 from dreambooth.errors import DreamBoothError
 from dreambooth.evaluation.embedders import ClipEmbedder, DinoEmbedder
-from dreambooth.evaluation.real import TEMPLATES, RealEvalSettings, mean_cosine, real_reference, score, without_identifier
+from dreambooth.evaluation.prompts import TEMPLATES, read_templates
+from dreambooth.evaluation.real import RealEvalSettings, mean_cosine, real_reference, score, without_identifier
 from dreambooth.tiny import build_tiny_clip, build_tiny_dino
 
 
@@ -79,6 +80,14 @@ def test_bad_scorer_folders_fail_in_one_line_naming_the_path(scorers, tmp_path):
         assert "\n" not in message
     with pytest.raises(DreamBoothError, match="unknown field"):
         RealEvalSettings(identifier="sks", noun="dog", templates=("a {identifer} {noun}",))
+    with pytest.raises(DreamBoothError, match="no such file"):
+        read_templates(tmp_path / "prompts.txt")
+
+
+def test_prompt_lists_are_dreambench_s():
+    assert {k: len(v) for k, v in TEMPLATES.items()} == {"object": 25, "live": 25}
+    assert TEMPLATES["live"][13] == "a {identifier} {noun} wearing a black top hat and a monocle"
+    assert TEMPLATES["object"][-1] == TEMPLATES["live"][-1] == "a cube shaped {identifier} {noun}"
 
 
 def test_evaluate_real_cli_on_a_trained_output(tiny_sd_dir, scorers, tmp_path, capsys):

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
 from .errors import DreamBoothError
+from .evaluation.prompts import TEMPLATES
 from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
-
-TEMPLATES_CHOICES = ("live", "object")  # evaluation.real.TEMPLATES' keys (not imported here: it needs torch)
 
 TRAIN_EPILOG = """examples:
   dreambooth train --preset object --model.path ./stable-diffusion-v1-5 \\
@@ -179,7 +178,8 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_evaluate_real(args) -> None:
-    from .evaluation.real import TEMPLATES, RealEvalSettings, defaults_from_output, evaluate_real, format_table
+    from .evaluation.prompts import read_templates
+    from .evaluation.real import RealEvalSettings, defaults_from_output, evaluate_real, format_table
 
     if not args.dino or not args.clip:
         raise DreamBoothError("--real needs both --dino PATH (a local facebook/dino-vits16 folder) and --clip PATH "
@@ -188,13 +188,7 @@ def cmd_evaluate_real(args) -> None:
     photos = args.photos or found.get("photos")
     if not photos:
         raise DreamBoothError(f"{args.model} has no config.yaml naming the subject photos: pass --photos DIR")
-    if args.prompts_file:
-        if not Path(args.prompts_file).is_file():
-            raise DreamBoothError(f"--prompts-file {args.prompts_file}: no such file (one template a line, e.g. "
-                                  "'a {identifier} {noun} in the snow')")
-        templates = tuple(t.strip() for t in Path(args.prompts_file).read_text().splitlines() if t.strip())
-    else:
-        templates = TEMPLATES[args.subject_type][: args.num_prompts]
+    templates = read_templates(args.prompts_file) if args.prompts_file else TEMPLATES[args.subject_type][: args.num_prompts]
     settings = RealEvalSettings(
         identifier=args.identifier or found.get("identifier"), noun=args.class_noun or found.get("noun"),
         templates=templates, class_prompt=args.class_prompt or found.get("class_prompt"), num_images=args.num_images,
@@ -358,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "prompt without it")
     real.add_argument("--class-noun", help="the class noun that follows the identifier (default: the instance "
                       "prompt's last word, e.g. dog)")
-    real.add_argument("--subject-type", choices=sorted(TEMPLATES_CHOICES), default="object",
+    real.add_argument("--subject-type", choices=sorted(TEMPLATES), default="object",
                       help="DreamBench's prompt list: object (20 new contexts + 5 property changes) or live (dogs, "
                       "cats: 10 contexts, 10 accessories, 5 properties)")
     real.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts of the list (a quick "
@@ -370,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--class-prompt", help="PRES's prompt (default: config.yaml's class_prompt, else 'a NOUN')")
     real.add_argument("--scheduler", choices=SAMPLERS, default="dpm++", help="sampler (default dpm++)")
     real.add_argument("--steps", type=int, default=25, help="inference steps")
-    real.add_argument("--guidance-scale", type=float, default=7.5)
+    real.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     real.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
-    real.add_argument("--batch-size", type=int, default=4)
+    real.add_argument("--batch-size", type=int, default=4, help="images per pipeline call: memory, not results")
     real.add_argument("--out-dir", default=None, help="where the JSON and the grid go (default: MODEL)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -405,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     p.add_argument("--scheduler", choices=SAMPLERS, default="dpm++")
     p.add_argument("--steps", type=int, default=25, help="inference steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
     p.add_argument("--clip", metavar="PATH", help="a local CLIP folder: measure how far each token's renders are "
                    "from the class prompt's")

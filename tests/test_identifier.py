@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 from PIL import Image
 from transformers import CLIPTokenizer, T5Tokenizer
 
 from dreambooth.cli import main
+from dreambooth.errors import DreamBoothError
 from dreambooth.identifier import COMMON_WORDS, IdentifierSettings, rare_candidates
 from dreambooth.miniworld.evaluate import DEFAULT_BASE
 from dreambooth.tiny import T5_TOKENIZER_DIR, TOKENIZER_DIR, build_tiny_clip
@@ -23,6 +25,10 @@ def test_candidates_are_rare_single_tokens_and_never_common_words():
     # "ok" is a single token in that range, so only the common-word list keeps it out.
     ok = tok("ok", add_special_tokens=False).input_ids
     assert len(ok) == 1 and ok[0] > min(ids) and "ok" in COMMON_WORDS and "ok" not in [c.token for c in found]
+    with pytest.raises(DreamBoothError, match="unknown field"):
+        IdentifierSettings(noun="dog", template="a photo of {tok} {noun}")
+    with pytest.raises(DreamBoothError, match="at least 2"):
+        IdentifierSettings(noun="dog", num_images=1)
     again = rare_candidates({"tokenizer": tok}, IdentifierSettings(noun="dog", num_candidates=6, exclude=(found[0].token,)))
     assert [c.token for c in again][:5] == [c.token for c in found][1:]
 

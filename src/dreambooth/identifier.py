@@ -81,6 +81,17 @@ class IdentifierSettings:
     resolution: int | None = None  # None: the model's own
     threshold: float | None = None  # flag above this association; None: the measure's default
 
+    def __post_init__(self):
+        if self.num_images < 2:
+            raise DreamBoothError(f"--num-images must be at least 2 (the measures compare sets of renders), got "
+                                  f"{self.num_images}")
+        try:
+            self.template.format(token="sks", noun=self.noun)
+            self.class_template.format(noun=self.noun)
+        except (KeyError, IndexError) as e:
+            raise DreamBoothError(f"a prompt template names an unknown field {e}: --prompt may use {{token}} and "
+                                  "{noun}, --class-prompt {noun}") from None
+
 
 @dataclass
 class Candidate:
@@ -230,9 +241,10 @@ def pick_identifier(model_dir: str | Path, settings: IdentifierSettings, out_dir
                               f"{model_dir}'s vocabulary is a single token in every tokenizer; widen --id-range or "
                               "--max-length")
     out_dir = Path(out_dir)
-    (out_dir / "tokens").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     threshold = None
     if render:
+        (out_dir / "tokens").mkdir(exist_ok=True)
         pipe = comps.family.pipeline(comps, make_scheduler(s.scheduler, comps.inference_scheduler.config)).to(device)
         seeds = [s.seed + i for i in range(s.num_images)]
 
@@ -247,7 +259,8 @@ def pick_identifier(model_dir: str | Path, settings: IdentifierSettings, out_dir
         for c in candidates:
             images = draw(s.template.format(token=c.token, noun=s.noun))
             rows.append(images)
-            image_grid(images + class_images, cols=s.num_images).save(out_dir / "tokens" / f"{c.token}.png")
+            name = re.sub(r"[^A-Za-z0-9_-]", "_", c.token)  # a --token may hold any character
+            image_grid(images + class_images, cols=s.num_images).save(out_dir / "tokens" / f"{name}.png")
             if measure is not None:
                 c.association, c.details = measure.compare(images, class_images)
                 c.flagged = c.association > threshold

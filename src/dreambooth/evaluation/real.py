@@ -35,6 +35,7 @@ import torch
 from ..errors import DreamBoothError
 from .prompts import TEMPLATES
 
+
 @dataclass
 class RealEvalSettings:
     identifier: str  # the rare token, e.g. "sks"

@@ -70,6 +70,17 @@ def _load(kind: str, path: Path, loader):
                               "complete? re-download it") from e
 
 
+@torch.no_grad()
+def _embed_images(processor, device, images: list, features, batch_size: int) -> torch.Tensor:
+    """Images (PIL) -> (N, D) L2-normalised rows: `processor` prepares each batch, `features` embeds it."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = processor(images=[im.convert("RGB") for im in images[i : i + batch_size]],
+                           return_tensors="pt")["pixel_values"].to(device)  # (B, 3, H, W)
+        out.append(features(pixels).float().cpu())
+    return F.normalize(torch.cat(out), dim=-1)
+
+
 class DinoEmbedder:
     """A ViT (DINO) folder -> CLS embeddings, L2-normalised: `embed(images)` is (N, D)."""
 
@@ -83,14 +94,9 @@ class DinoEmbedder:
         self.processor = _processor(self.path, lambda: ViTImageProcessor(
             size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD))
 
-    @torch.no_grad()
     def embed(self, images: list, batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = self.processor(images=[im.convert("RGB") for im in images[i : i + batch_size]],
-                                    return_tensors="pt")["pixel_values"].to(self.model.device)
-            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())  # CLS token (B, D)
-        return F.normalize(torch.cat(out), dim=-1)
+        return _embed_images(self.processor, self.model.device, images,  # the CLS token of the last layer
+                             lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0], batch_size)
 
 
 def _features(output) -> torch.Tensor:
@@ -112,14 +118,9 @@ class ClipEmbedder:
         self.processor = _processor(self.path, lambda: CLIPImageProcessor(size={"shortest_edge": size},
                                                                            crop_size={"height": size, "width": size}))
 
-    @torch.no_grad()
     def embed(self, images: list, batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = self.processor(images=[im.convert("RGB") for im in images[i : i + batch_size]],
-                                    return_tensors="pt")["pixel_values"].to(self.model.device)
-            out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())  # (B, D)
-        return F.normalize(torch.cat(out), dim=-1)
+        return _embed_images(self.processor, self.model.device, images,  # projected into the joint space
+                             lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)), batch_size)
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> torch.Tensor:

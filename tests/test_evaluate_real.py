@@ -148,3 +148,12 @@ def test_evaluate_real_loads_a_lora_output_on_its_base(tiny_sd_dir, scorers, tmp
     assert (out / "evaluation-real.json").is_file() and (tmp_path / "base" / "evaluation-real.json").is_file()
     assert lora["metrics"]["dino"] != pytest.approx(base["metrics"]["dino"], abs=1e-6)  # the adapters were applied
     assert lora["real_images"] == base["real_images"]  # the same photos, the same scorers
+
+
+def test_a_folder_without_an_image_processor_config_gets_the_published_preprocessing(scorers, tmp_path):
+    images = [_image(0), _image(1)]
+    for cls, folder in zip((DinoEmbedder, ClipEmbedder), scorers):
+        bare = Path(shutil.copytree(folder, tmp_path / folder.name))
+        (bare / "preprocessor_config.json").unlink()
+        # The fixtures save exactly the published preprocessing, so both ways must embed alike.
+        assert torch.allclose(cls(bare).embed(images), cls(folder).embed(images), atol=1e-6)

@@ -155,7 +155,7 @@ def cmd_demo(args) -> None:
         overrides["prior.enabled"] = False
     if args.family == "sdxl":
         overrides["text_encoder_2.train"] = True  # the demo trains every text encoder the base has
-    output_dir = args.output_dir or "outputs/miniworld-demo" + ("-sdxl" if args.family == "sdxl" else "")
+    output_dir = args.output_dir or "outputs/miniworld-demo" + ("" if args.family == "sd" else f"-{args.family}")
     demo(output_dir, subject=args.subject, base_dir=BASES[args.family], overrides=overrides, n_eval=args.n, seed=args.seed)
 
 
@@ -305,10 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teach the bundled miniature base model a held-out subject (CPU, minutes)",
                        description="Train one held-out subject of the miniature world into the committed miniature "
                        "base model with the same `train` code path, write a before/after grid and print the evaluation.")
-    p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl for --family sdxl)")
+    p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl / -if for those families)")
     p.add_argument("--subject", default="banded_heart", help="a held-out subject of the miniature world")
-    p.add_argument("--family", default="sd", choices=["sd", "sdxl"],
-                   help="which miniature base: sd (one CLIP encoder) or sdxl (two encoders, pooled embedding, size/crop ids)")
+    p.add_argument("--family", default="sd", choices=["sd", "sdxl", "if"],
+                   help="which miniature base: sd (one CLIP encoder), sdxl (two encoders, pooled embedding, size/crop ids) "
+                   "or if (DeepFloyd IF stage I: pixel space, T5 encoder, learned-variance UNet)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (to see language drift)")
     p.add_argument("--n", type=int, default=32, help="images per evaluation prompt")

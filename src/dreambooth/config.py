@@ -113,6 +113,9 @@ class LoRAConfig:
     rank: int = _f(4, "LoRA rank r (train.method=lora).")
     alpha: float = _f(4.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    use_dora: bool = _f(False, "DoRA (Liu et al. 2024, peft's use_dora) for the UNet's adapters: each adapted weight learns a "
+                        "magnitude per output channel apart from its LoRA direction. Slower steps. Text-encoder adapters "
+                        "stay plain LoRA, and no kohya-format copy is written (neither loads back through diffusers).")
     unet_targets: Optional[list[str]] = _f(
         None, "UNet modules that get adapters. Default: the family's attention projections (SD/SDXL: to_q, to_k, "
         "to_v, to_out.0; IF adds its text keys and values, add_k_proj and add_v_proj).")

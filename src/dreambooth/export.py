@@ -136,7 +136,7 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
               f"or `dreambooth sample {out} --prompt \"{concepts[0].instance_prompt}\"`.", ""]
     if base_dir is not None and Path(cfg.model.path) != Path(base_dir):
         lines += [f"Trained from the single file `{cfg.model.path}`; the base above is its diffusers copy.", ""]
-    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file):
+    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file and not cfg.lora.use_dora):
         lines += [f"For AUTOMATIC1111 / ComfyUI: `{KOHYA_WEIGHTS}` (kohya format) in `models/Lora`.", ""]
     elif cfg.export.single_file and family.single_file:
         lines += [f"For AUTOMATIC1111 / ComfyUI: `{SINGLE_FILE}` (one file, original layout) in `models/Stable-diffusion`.", ""]

@@ -44,7 +44,7 @@ from .classifier import load_classifier
 from .recipes import ASSETS
 
 DEFAULT_BASE = ASSETS / "base"
-BASES = {"sd": DEFAULT_BASE, "sdxl": ASSETS / "base-sdxl"}  # the miniature base of each model family
+BASES = {"sd": DEFAULT_BASE, "sdxl": ASSETS / "base-sdxl", "if": ASSETS / "base-if"}  # the miniature base of each family
 
 
 def base_of(model_dir: str | Path) -> Path:
@@ -57,9 +57,8 @@ def base_of(model_dir: str | Path) -> Path:
         if Path(model.get("path", "")).is_dir():
             return Path(model["path"])
     index = Path(model_dir) / "model_index.json"
-    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
-        return BASES["sdxl"]
-    return DEFAULT_BASE
+    name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    return BASES["sdxl"] if "XL" in name else BASES["if"] if name.startswith("IF") else DEFAULT_BASE
 DEFAULT_CLASSIFIER = ASSETS / "classifier"
 
 

@@ -231,3 +231,15 @@ def test_dreambooth_train_fine_tunes_the_committed_base(tmp_path):
     assert result.steps == 2 and all(v == v for v in result.losses.values())
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert len(list((tmp_path / "class_images").glob("*.png"))) == 2
+
+
+def test_evaluation_samples_each_base_with_its_sampler(tmp_path):
+    """IF's pixel-space base is measured with IF's own DDPM 100 steps (DDIM 25 leaves noise); latent bases with DDIM 25,
+    and a trained output with its base's sampler."""
+    from dreambooth.miniworld.evaluate import BASES, default_settings
+
+    assert (default_settings(BASES["if"]).scheduler, default_settings(BASES["if"]).num_inference_steps) == ("ddpm", 100)
+    for family in ("sd", "sdxl"):
+        assert (default_settings(BASES[family]).scheduler, default_settings(BASES[family]).num_inference_steps) == ("ddim", 25)
+    (tmp_path / "config.yaml").write_text(f"model:\n  path: {BASES['if']}\n")
+    assert default_settings(tmp_path, n=4, seed=3).scheduler == "ddpm" and default_settings(tmp_path, n=4, seed=3).n == 4

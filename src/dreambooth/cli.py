@@ -155,6 +155,8 @@ def cmd_demo(args) -> None:
         overrides["prior.enabled"] = False
     if args.family == "sdxl":
         overrides["text_encoder_2.train"] = True  # the demo trains every text encoder the base has
+    if args.family == "if":  # class images from IF's own sampler: DDIM 25 leaves visible noise on the IF base
+        overrides.update({"prior.scheduler": "ddpm", "prior.num_inference_steps": 100})
     output_dir = args.output_dir or "outputs/miniworld-demo" + ("" if args.family == "sd" else f"-{args.family}")
     demo(output_dir, subject=args.subject, base_dir=BASES[args.family], overrides=overrides, n_eval=args.n, seed=args.seed)
 

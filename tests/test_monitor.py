@@ -2,6 +2,7 @@
 when the class is damaged, exact resume with it on, and the best checkpoint exported bit for bit."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -110,13 +111,16 @@ def test_monitor_does_not_change_training(tiny_sd_dir, photos, tmp_path):
 def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
     """Every other step checkpointed and probed (keep=1, so rotation must spare the best one); the export
     holds exactly the weights of the checkpoint with the lowest drift among those that fit the subject.
-    On the miniature base at 3x the demo's rate without prior preservation drift rises as the subject
-    is learned, so the best is an early checkpoint, not the last."""
+    On (a copy of) the miniature base at 3x the demo's rate without prior preservation drift rises as
+    the subject is learned, so the best is an early checkpoint, not the last. A copy: outside the
+    bundled folder the run is not "in the miniature world", so the probe scores, not the classifier."""
     from dreambooth.miniworld import world
     from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.evaluate import DEFAULT_BASE
 
+    base = shutil.copytree(DEFAULT_BASE, tmp_path / "base", symlinks=True)
     world.write_instance_images("banded_heart", tmp_path / "instance_images")
-    result = train(demo_config(tmp_path, overrides={
+    result = train(demo_config(tmp_path, base_dir=base, overrides={
         "prior.enabled": False, "optim.lr": 3e-4, "train.max_steps": 10, "train.select": "best",
         "checkpoint.every_n_steps": 2, "checkpoint.keep": 1, "monitor.every_n_steps": 2, "monitor.probe_size": 4,
         "monitor.fit_ratio": 0.9, "prior.num_inference_steps": 10, "export.verify": False}))
@@ -134,6 +138,32 @@ def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
     assert not all(torch.equal(last[k], saved[k]) for k in saved)  # the choice mattered
     state = json.loads((ckpt.best_checkpoint(out) / "state.json").read_text())
     assert state["metrics"]["drift"] == lines[chosen]["drift"]
+
+
+def test_select_best_in_the_miniature_world_scores_with_the_classifier(tmp_path):
+    """On the bundled base with a held-out subject's photos, each checkpoint is rendered and scored against
+    the acceptance bar (targets missed + shortfall); the lowest score is exported."""
+    from dreambooth.miniworld import world
+    from dreambooth.miniworld.demo import demo_config
+
+    world.write_instance_images("banded_heart", tmp_path / "instance_images")
+    result = train(demo_config(tmp_path, overrides={
+        "prior.enabled": False, "optim.lr": 3e-4, "train.max_steps": 10, "train.select": "best",
+        "checkpoint.every_n_steps": 5, "checkpoint.keep": 5, "monitor.every_n_steps": 5, "monitor.probe_size": 2,
+        "prior.num_inference_steps": 10, "export.verify": False}))
+    out = tmp_path / "model"
+    states = {int(p.name[5:]): json.loads((p / "state.json").read_text())["metrics"]
+              for p in ckpt.checkpoints_root(out).glob("step-*")}
+    assert sorted(states) == [5, 10]
+    for m in states.values():
+        c = m["classifier"]
+        assert set(c) == {"missed", "subject_fidelity", "prompt_fidelity", "class_drift", "prompt_following"}
+        assert len(c["missed"]) <= m["score"] < len(c["missed"]) + 1
+    chosen = min(states, key=lambda s: states[s]["score"])
+    assert result.exported_step == chosen and ckpt.best_checkpoint(out).name == f"step-{chosen:06d}"
+    saved = load_file(ckpt.best_checkpoint(out) / "trainable.safetensors")
+    exported = _final_weights(out, "full")
+    assert all(torch.equal(exported[k], saved[k.replace("te.", "text_encoder.", 1)]) for k in exported)
 
 
 def test_select_best_without_probe_or_checkpoints_is_refused(tiny_sd_dir, photos, tmp_path):

@@ -158,6 +158,16 @@ class DriftMonitor:
                 "probe_subject_loss": self.base["subject"]}
 
 
+def checkpoint_scorer(cfg: TrainConfig, comps: Components, model_dir: Path):
+    """train.select=best's judge when a better one than the probe exists: in the miniature world, the
+    attribute classifier (miniworld/selection.py; called as scorer(comps) -> (score, metrics)). None: the probe."""
+    if cfg.train.select != "best":
+        return None
+    from .miniworld.selection import scorer
+
+    return scorer(cfg, comps, model_dir)
+
+
 def score(metrics: dict[str, float], fit_ratio: float) -> float | None:
     """train.select=best's score of a checkpoint (lower is better): its drift, once subject_fit <= fit_ratio; else None."""
     return metrics["drift"] if metrics["subject_fit"] <= fit_ratio else None

@@ -16,6 +16,7 @@ dreambooth.cli train ...`); nothing here is device- or topology-specific.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -37,7 +38,7 @@ from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
 from .inputs import Latents, Texts
-from .monitor import DriftMonitor, probe_class_images, score
+from .monitor import DriftMonitor, checkpoint_scorer, probe_class_images, score
 from .models.load import check_resolution, check_settings, detect_family, model_folder
 from .models.memory import apply_memory_options
 from .models.trainable import setup_trainable
@@ -155,6 +156,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                   accelerator.device)
     # the drift probe: built, and the base's losses measured, before a resume loads any trained weights
     monitor = DriftMonitor(comps, data, cfg.monitor, probe_images, cfg.trains_text_encoder) if cfg.monitor.every_n_steps else None
+    scorer = checkpoint_scorer(cfg, comps, model_dir)  # train.select=best in the miniature world: the classifier
     if cfg.memory.offload_text_encoders:  # frozen and no longer needed on the device: texts holds their output
         for name in set(family.text_encoders) - set(trainable.modules):
             comps.modules[name].to("cpu")
@@ -230,9 +232,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if saving:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                best_score, metrics = _score(scorer, probe, cfg, comps, trainable, accelerator)
                 ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
-                                     cfg.checkpoint.keep, fingerprint, metrics=probe,
-                                     score=score(probe, cfg.monitor.fit_ratio) if cfg.train.select == "best" else None)
+                                     cfg.checkpoint.keep, fingerprint, metrics=metrics, score=best_score)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
             _validate(comps, trainable, cfg, data, texts, accelerator, logger, done)
         if done < cfg.train.max_steps and (out / STOP_FILE).exists():
@@ -320,18 +322,38 @@ def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, mod
     return files
 
 
-def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> None:
-    """Render the validation grid from the unwrapped modules, then hand the wrapped ones back to training."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        wrapped = {name: comps.modules[name] for name in trainable.modules}
-        comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
+@contextlib.contextmanager
+def _unwrapped(comps, trainable, accelerator):
+    """Pipelines render from the unwrapped modules; the wrapped ones go back to training afterwards."""
+    wrapped = {name: comps.modules[name] for name in trainable.modules}
+    comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
+    try:
         with accelerator.autocast():
-            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
-                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
+            yield
+    finally:
         comps.modules.update(wrapped)
         for m in wrapped.values():
             m.train()
+
+
+def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> None:
+    """Render the validation grid (main process)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with _unwrapped(comps, trainable, accelerator):
+            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
+                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
+
+
+def _score(scorer, probe, cfg, comps, trainable, accelerator) -> tuple[float | None, dict | None]:
+    """A checkpoint's train.select=best score (lower is better; None: not a candidate) and the metrics it keeps."""
+    if cfg.train.select != "best":
+        return None, probe
+    if scorer is None:
+        return score(probe, cfg.monitor.fit_ratio), probe
+    with _unwrapped(comps, trainable, accelerator):
+        value, measured = scorer(comps)
+    return value, {**probe, "classifier": measured, "score": value}
 
 
 def summary(result: TrainResult) -> str:

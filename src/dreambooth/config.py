@@ -235,9 +235,10 @@ class MonitorConfig:
         0, "Measure the drift probe every N optimizer steps and at every checkpoint (0 = off): the model's denoising "
         "loss on a fixed set of (class image, class prompt, noise, timestep) triples minus the base's, logged as "
         "`drift` (0 at step 0; positive = the model denoises the class worse than the base did). Without prior "
-        "preservation the probe uses the instance photos under the class prompt (see monitor.py).")
-    probe_size: int = _f(8, "Probe triples; their timesteps are spread evenly over the noise schedule. Each costs one "
-                         "forward pass of the denoiser (and one for the subject probe) per measurement.")
+        "preservation the base first draws probe_size images of the class prompt (see monitor.py).")
+    probe_size: int = _f(32, "Probe triples; their timesteps are spread evenly over the noise schedule. Each costs one "
+                         "forward pass of the denoiser (and one for the subject probe) per measurement. At 8 the "
+                         "probe's own noise dominated on the miniature runs (r 0.51 with a 128 probe; 32: r 0.94).")
     seed: int = _f(0, "Seed of the probe's noise and latent samples; the probe is built once and never touches the "
                    "training generators.")
     fit_ratio: float = _f(

@@ -21,6 +21,9 @@ Two probes, each measured as the mean `objective.denoising_loss` over its triple
     drift       = class_probe(model) - class_probe(base)        (0 at step 0)
     subject_fit = subject_probe(model) / subject_probe(base)    (1 at step 0; falls as the subject is learned)
 
+What it is worth: it flags gross damage, but over the 12 miniature acceptance-bar runs it did not
+rank models by the classifier's class drift (README, "Does the drift probe predict measured drift?").
+
 The base's losses are measured once, on the weights as loaded, before a resume loads a checkpoint
 (full fine-tuning and freshly initialised LoRA adapters are then exactly the base), so no second
 copy of the model is kept. Everything model-specific goes through the family seam

@@ -196,3 +196,12 @@ def test_validation_renders_the_average_and_training_goes_on_from_the_trained_we
         assert any(not torch.equal(averaged[n], trained[n]) for n in seen[step])
     plain = train(make_cfg(tiny_sd_dir, photos, tmp_path / "p", **settings))
     assert validated.losses == plain.losses  # bitwise: the trained weights came back exactly
+
+
+def test_select_best_with_the_average_is_refused_up_front():
+    from dreambooth.config import build_config
+
+    with pytest.raises(DreamBoothError, match="train.select=best with ema.enabled is not supported"):
+        build_config({"model": {"path": "m"}, "concept": {"instance_dir": "d", "instance_prompt": "a sks dog"},
+                      "train": {"select": "best"}, "ema": {"enabled": True},
+                      "checkpoint": {"every_n_steps": 10}, "monitor": {"every_n_steps": 10}}).validate()

@@ -8,7 +8,8 @@
     5. resume from the latest checkpoint if asked
     6. the loop: per optimizer step, `gradient_accumulation_steps` micro-batches of subject
        (+ class) examples -> per-sample losses -> weighted sum -> backward; clip, step, zero
-    7. periodic checkpoints and validation images; final export and model card
+    7. periodic checkpoints, drift probe and validation images; final export (the last or the best
+       checkpoint, `train.select`) and model card
 
 Multi-GPU, multi-node, DeepSpeed and FSDP come from accelerate (`accelerate launch -m
 dreambooth.cli train ...`); nothing here is device- or topology-specific.
@@ -16,6 +17,7 @@ dreambooth.cli train ...`); nothing here is device- or topology-specific.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -38,6 +40,7 @@ from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
 from .inputs import Latents, Texts
+from .monitor import DriftMonitor, checkpoint_scorer, probe_class_images, score
 from .models.load import check_resolution, check_settings, detect_family, model_folder
 from .models.memory import apply_memory_options
 from .models.trainable import setup_trainable
@@ -63,6 +66,7 @@ class TrainResult:
     seconds: float = 0.0
     trainable_parameters: int = 0
     stopped: bool = False  # stopped early on request (STOP_FILE): checkpointed, not exported
+    exported_step: int | None = None  # the step whose weights were exported (train.select=best may pick an earlier one)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -123,6 +127,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                  dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
                      for c in concepts]
         klass = class_examples(files, concepts, cfg.data)
+    probe_images = []  # without class images, the drift probe has the base draw its own few
+    if cfg.monitor.every_n_steps and not cfg.prior.enabled:
+        with accelerator.main_process_first():
+            probe_images = probe_class_images(cfg, concepts, model_dir, accelerator.device, torch.float32)
     accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed, Positions(cfg.train.batch_size, accum, world, rank),
                           buckets=buckets)
@@ -149,6 +157,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     texts = Texts(comps, data, cfg.cache_text_embeddings, [*cfg.validation.prompts, cfg.validation.negative_prompt or ""],
                   out / "cache" / "text-embeddings.safetensors" if accelerator.is_main_process else None, fingerprint,
                   accelerator.device)
+    # the drift probe: built, and the base's losses measured, before a resume loads any trained weights
+    monitor = DriftMonitor(comps, data, cfg.monitor, probe_images, cfg.trains_text_encoder) if cfg.monitor.every_n_steps else None
+    scorer = checkpoint_scorer(cfg, comps, model_dir)  # train.select=best in the miniature world: the classifier
     if cfg.memory.offload_text_encoders:  # frozen and no longer needed on the device: texts holds their output
         for name in set(family.text_encoders) - set(trainable.modules):
             comps.modules[name].to("cpu")
@@ -165,6 +176,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 6. the loop
     logger = Logger(out / "logs", enabled=accelerator.is_main_process, resumed_at=start_step if resume_from else None)
     result = TrainResult(out, start_step, trainable_parameters=trainable.count())
+    if monitor is not None and resume_from is None:
+        logger.scalars(0, **monitor.base_metrics())
     timer = PhaseTimer(enabled=True, synchronize=cfg.train.time_phases)
     result.phase_seconds = timer.seconds
     for m in models:
@@ -212,13 +225,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         if done % cfg.train.log_every_n_steps == 0:
             logger.scalars(done, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
 
-        # 7. checkpoints and validation
+        # 7. checkpoints, drift probe and validation
         # The last step is saved too, so a finished run can be extended (raise max_steps, resume).
-        if cfg.checkpoint.every_n_steps and (done % cfg.checkpoint.every_n_steps == 0 or done == cfg.train.max_steps):
+        saving = cfg.checkpoint.every_n_steps and (done % cfg.checkpoint.every_n_steps == 0 or done == cfg.train.max_steps)
+        probe = None
+        if monitor is not None and (saving or done % cfg.monitor.every_n_steps == 0):
+            with accelerator.autocast():
+                probe = monitor.measure()
+            logger.scalars(done, **probe)
+        if saving:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                best_score, metrics = _score(scorer, probe, cfg, comps, trainable, accelerator)
                 ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
-                                     cfg.checkpoint.keep, fingerprint, ema)
+                                     cfg.checkpoint.keep, fingerprint, ema, metrics=metrics, score=best_score)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
             _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, done)
         if done < cfg.train.max_steps and (out / STOP_FILE).exists():
@@ -243,6 +263,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     accelerator.wait_for_everyone()
     comps.modules.update({name: accelerator.unwrap_model(comps.modules[name]) for name in trainable.modules})
+    result.exported_step = result.steps
+    best = ckpt.best_checkpoint(out) if cfg.train.select == "best" else None
+    if best is not None:  # the best-scoring checkpoint's weights replace the last step's
+        ckpt.load_weights(best, trainable)
+        result.exported_step = int(best.name.split("-")[-1])
+        log.info("train.select=best: exporting %s (of %d steps)", best.name, result.steps)
+    elif cfg.train.select == "best":
+        log.warning("train.select=best: no checkpoint's subject probe fell to monitor.fit_ratio=%s of the base's; "
+                    "exporting the last step", cfg.monitor.fit_ratio)
     photos = [e.image for e in data.subject]  # an upscaler's validation input
     if accelerator.is_main_process:
         with ema.applied():  # ema.enabled: the averaged weights are the model written and shown
@@ -298,19 +327,38 @@ def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, mod
     return files
 
 
-def _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, step) -> None:
-    """Render the validation grid from the unwrapped modules (with the averaged weights when ema.enabled),
-    then hand the wrapped ones, with the trained weights, back to training."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        wrapped = {name: comps.modules[name] for name in trainable.modules}
-        comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
-        with ema.applied(), accelerator.autocast():
-            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
-                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
+@contextlib.contextmanager
+def _unwrapped(comps, trainable, accelerator):
+    """Pipelines render from the unwrapped modules; the wrapped ones go back to training afterwards."""
+    wrapped = {name: comps.modules[name] for name in trainable.modules}
+    comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
+    try:
+        with accelerator.autocast():
+            yield
+    finally:
         comps.modules.update(wrapped)
         for m in wrapped.values():
             m.train()
+
+
+def _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, step) -> None:
+    """Render the validation grid (main process), with the averaged weights when ema.enabled."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with _unwrapped(comps, trainable, accelerator), ema.applied():
+            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
+                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
+
+
+def _score(scorer, probe, cfg, comps, trainable, accelerator) -> tuple[float | None, dict | None]:
+    """A checkpoint's train.select=best score (lower is better; None: not a candidate) and the metrics it keeps."""
+    if cfg.train.select != "best":
+        return None, probe
+    if scorer is None:
+        return score(probe, cfg.monitor.fit_ratio), probe
+    with _unwrapped(comps, trainable, accelerator):
+        value, measured = scorer(comps)
+    return value, {**probe, "classifier": measured, "score": value}
 
 
 def summary(result: TrainResult) -> str:

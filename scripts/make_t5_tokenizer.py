@@ -11,6 +11,11 @@ randomness: the output depends only on this file and the installed transformers/
 so even "photo" came out as five tokens, and its order of equal-score characters changed from run to run.)
 
     python scripts/make_t5_tokenizer.py src/dreambooth/assets/t5_tokenizer
+    python scripts/make_t5_tokenizer.py --miniworld /tmp/t5_miniworld   # + every word of the miniature world
+
+`--miniworld` adds the miniature world's caption grammar (every shape, colour and background word, and
+the prompts the evaluation uses) to the corpus, so that the miniature IF base reads each world word as
+one piece, as a real T5 vocabulary would.
 """
 
 import argparse
@@ -39,9 +44,20 @@ EXTRA = ("sks the a an and of with in on at by to for is it this that one two th
          "wearing sitting standing running sleeping looking holding playing floating jumping")
 
 
-def corpus() -> list[str]:
+def world_corpus() -> list[str]:
+    """Every caption the miniature world writes: each shape x colour x background, with parts left out."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from dreambooth.miniworld import world
+
+    shapes, colours = (None, *world.SHAPES), (None, *world.COLOURS)
+    return [world.describe(sh, co, bg) for sh in shapes for co in colours for bg in (None, *world.BACKGROUNDS)]
+
+
+def corpus(miniworld: bool = False) -> list[str]:
     """Caption-like lines; "sks" (the DreamBooth identifier) appears often, so it ends up a single piece."""
-    lines = []
+    lines = world_corpus() if miniworld else []
     for i, subject in enumerate(SUBJECTS):
         for j, style in enumerate(STYLES):
             colour = COLOURS[(i + j) % len(COLOURS)]
@@ -56,14 +72,14 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_vocab() -> list[tuple[str, float]]:
+def build_vocab(miniworld: bool = False) -> list[tuple[str, float]]:
     """(piece, score) pairs in T5's layout: <pad>, </s>, <unk>, then pieces by falling score.
 
     A unigram model scores a split by the sum of its pieces' log-probabilities, so giving every corpus word a
     "▁word" piece scored log(count / total) and every single character (and the bare "▁") a lower score makes
     known words one piece each and spells anything else out character by character, never as <unk> for ASCII.
     """
-    counts = Counter(word for line in corpus() for word in line.split())
+    counts = Counter(word for line in corpus(miniworld) for word in line.split())
     total = sum(counts.values())
     pieces = {f"▁{word}": math.log(n / total) for word, n in counts.items()}
     floor = math.log(1 / total) - 2.0  # below every word piece
@@ -77,12 +93,13 @@ def build_vocab() -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--miniworld", action="store_true", help="add the miniature world's caption words")
     parser.add_argument("--extra-ids", type=int, default=100, help="<extra_id_N> sentinels appended, as T5 has")
     args = parser.parse_args()
 
     from transformers import T5Tokenizer
 
-    vocab = build_vocab()
+    vocab = build_vocab(args.miniworld)
     sentinels = [(f"<extra_id_{i}>", 0.0) for i in reversed(range(args.extra_ids))]  # as T5's, <extra_id_0> last
     tokenizer = T5Tokenizer(vocab=vocab + sentinels, extra_ids=args.extra_ids, model_max_length=512)
     args.out_dir.mkdir(parents=True, exist_ok=True)

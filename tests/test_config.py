@@ -156,6 +156,7 @@ def test_valid_config_validates():
     ({"optim.lr": 0.0}, ["optim.lr"]),
     ({"lora.dropout": 1.0}, ["lora.dropout"]),
     ({"objective.snr_gamma": 0.0}, ["objective.snr_gamma"]),
+    ({"ema.decay": 1.0}, ["ema.decay"]),
     ({"validation.every_n_steps": 50}, ["validation.every_n_steps", "validation.prompts"]),
 ])
 def test_validate_names_the_key(dotted, keys):

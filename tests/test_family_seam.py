@@ -137,10 +137,10 @@ def test_a_pixel_space_family_with_two_text_encoders_trains_through_the_loop(fak
 
 
 def test_the_recipe_names_no_family():
-    """train.py, objective.py, export.py, inputs.py and checkpoint.py talk to the family, never about one."""
+    """train.py, objective.py, export.py, inputs.py, checkpoint.py and monitor.py talk to the family, never about one."""
     family_words = re.compile(r"StableDiffusion|IFPipeline|\bsdxl\b|deepfloyd|\bvae\b|tokenizer|text_encoder_2|"
                               r"encoder_hidden_states|added_cond_kwargs", re.IGNORECASE)
-    for name in ("train.py", "objective.py", "export.py", "inputs.py", "checkpoint.py"):
+    for name in ("train.py", "objective.py", "export.py", "inputs.py", "checkpoint.py", "monitor.py"):
         tree = ast.parse((SRC / name).read_text())
         for node in ast.walk(tree):  # drop docstrings: prose may explain what a family does
             body = getattr(node, "body", None)

@@ -166,6 +166,44 @@ def test_committed_sdxl_base_is_an_ordinary_sdxl_folder_sharing_the_sd_bases_fil
     assert comps.unet.dtype == comps.text_encoder_2.dtype == torch.float32
 
 
+def test_committed_if_base_is_an_ordinary_if_stage_one_folder():
+    """The miniature DeepFloyd IF base: IFPipeline in pixel space, T5 reading each world word as one piece."""
+    import json
+
+    from dreambooth.models.load import load_components
+
+    folder = ASSETS / "base-if"
+    comps = load_components(folder)
+    assert comps.family.name == "if" and "vae" not in comps.modules and comps.family.latent_factor(folder) == 1
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "IFPipeline"
+    unet = comps.unet.config
+    assert (unet.in_channels, unet.out_channels, unet.sample_size) == (3, 6, world.SIZE)  # image in; noise + variance out
+    assert unet.addition_embed_type == "text" and unet.encoder_hid_dim == comps.text_encoder.config.d_model
+    # trained on the noise half only: the folder's scheduler samples with a fixed variance
+    assert comps.inference_scheduler.config.variance_type == "fixed_small"
+    tokens = comps.tokenizer.tokenize(world.describe("star", "purple", "gray") + " " + world.instance_prompt())
+    assert all(t.startswith("\u2581") and len(t) > 1 for t in tokens), tokens  # no word spelled out letter by letter
+    weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert weights < 15e6, f"the miniature IF base's weights are {weights / 1e6:.1f} MB; the issue's budget is 15 MB"
+
+
+def test_dreambooth_train_fine_tunes_the_committed_if_base(tmp_path):
+    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.train import train
+
+    world.write_instance_images("split_moon", tmp_path / "instance_images")
+    cfg = demo_config(tmp_path, "split_moon", ASSETS / "base-if",
+                      {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2, "prior.num_inference_steps": 2})
+    result = train(cfg)
+    assert result.steps == 2 and all(v == v for v in result.losses.values())
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    images = sorted((tmp_path / "class_images").glob("*.png"))
+    assert len(images) == 2
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (world.SIZE, world.SIZE)  # class images at stage I's resolution
+
+
 def test_committed_classifier_recognises_every_subject_and_world_images():
     from dreambooth.miniworld.classifier import load_classifier
     from dreambooth.miniworld.recipes import images_to_tensor
@@ -193,3 +231,15 @@ def test_dreambooth_train_fine_tunes_the_committed_base(tmp_path):
     assert result.steps == 2 and all(v == v for v in result.losses.values())
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert len(list((tmp_path / "class_images").glob("*.png"))) == 2
+
+
+def test_evaluation_samples_each_base_with_its_sampler(tmp_path):
+    """IF's pixel-space base is measured with IF's own DDPM 100 steps (DDIM 25 leaves noise); latent bases with DDIM 25,
+    and a trained output with its base's sampler."""
+    from dreambooth.miniworld.evaluate import BASES, default_settings
+
+    assert (default_settings(BASES["if"]).scheduler, default_settings(BASES["if"]).num_inference_steps) == ("ddpm", 100)
+    for family in ("sd", "sdxl"):
+        assert (default_settings(BASES[family]).scheduler, default_settings(BASES[family]).num_inference_steps) == ("ddim", 25)
+    (tmp_path / "config.yaml").write_text(f"model:\n  path: {BASES['if']}\n")
+    assert default_settings(tmp_path, n=4, seed=3).scheduler == "ddpm" and default_settings(tmp_path, n=4, seed=3).n == 4

@@ -248,6 +248,22 @@ def test_lora_export_writes_kohya_and_both_load_back_bitwise(request, photos, tm
     assert any(k.startswith("lora_te") and "_text_model_encoder_layers_0_self_attn_q_proj" in k for k in kohya)
 
 
+def test_dora_export_loads_back_bitwise(tiny_sd_dir, photos, tmp_path):
+    """lora.use_dora: the UNet's magnitude vectors train, are saved and load back through diffusers bit for bit;
+    the text encoder's adapters stay plain LoRA, and no kohya copy is offered (neither loads back)."""
+    out = tmp_path / "out"
+    result = train(make_cfg(tiny_sd_dir, photos, out, train={"method": "lora", "max_steps": 2},
+                            lora={"rank": 4, "alpha": 4.0, "use_dora": True}, optim={"lr": 1e-2}, text_encoder={"train": True}))
+    assert all(v == v for v in result.losses.values())
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] and all("(bitwise)" in c for c in report["checks"]), report["checks"]
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    magnitudes = [k for k in saved if "lora_magnitude_vector" in k]
+    assert magnitudes and all(k.startswith("unet.") for k in magnitudes)
+    assert any(k.startswith("text_encoder.") for k in saved)  # the text encoder's plain LoRA
+    assert not (out / "pytorch_lora_weights_kohya.safetensors").exists()
+
+
 def test_full_export_single_file_loads_in_diffusers_from_single_file(tiny_sd_dir, photos, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -5,13 +5,15 @@ continue as if it had never stopped:
 
     trainable.safetensors   the trainable weights only (all UNet weights, or just the adapters)
     optimizer.pt            optimizer state
+    ema.safetensors         the moving average of the trainable weights (ema.enabled only)
     training_state.pt       LR schedule, the noise/timestep generator, torch/numpy/python RNG states
-    state.json              step, base-model fingerprint (human readable)
+    state.json              step, base-model fingerprint, the drift probe's metrics (human readable)
     config.yaml             the resolved configuration
 
 It is written to a temporary folder and renamed into place, so a crash never leaves a half
 checkpoint, and `checkpoints/latest.json` (also replaced atomically) names the newest one, as
-k-diffusion's `*_state.json` does. Resume refuses a different base model or settings that would
+k-diffusion's `*_state.json` does; with `train.select=best`, `checkpoints/best.json` names the
+best-scoring one, which rotation keeps. Resume refuses a different base model or settings that would
 change what the remaining steps compute.
 """
 
@@ -42,7 +44,9 @@ MUST_MATCH = (
     "lora", *TEXT_ENCODER_SECTIONS, "model.vae_path", "optim.optimizer", "optim.lr", "optim.beta1",
     "optim.beta2", "optim.weight_decay", "optim.eps", "optim.lr_scheduler", "optim.warmup_steps", "optim.max_grad_norm",
     "objective", "train.method", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
-    "memory.mixed_precision", "memory.weights_dtype", "optim.moments_dtype", "optim.fused_backward",
+    "memory.mixed_precision", "memory.weights_dtype", "optim.moments_dtype", "optim.fused_backward", "ema",
+    # best.json's scores must stay comparable across the resume
+    "monitor.probe_size", "monitor.seed", "monitor.fit_ratio",
 )
 
 
@@ -67,8 +71,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, generator: torch.Generator,
-                    resolved: dict, keep: int, model_fingerprint: str) -> Path:
-    """Write step `step`'s checkpoint; `resolved` is the run's whole configuration (to_dict), kept for resume."""
+                    resolved: dict, keep: int, model_fingerprint: str, ema=None, metrics: dict | None = None,
+                    score: float | None = None) -> Path:
+    """Write step `step`'s checkpoint; `resolved` is the run's whole configuration (to_dict), kept for resume.
+
+    `ema`: the run's `ema.WeightAverage`, saved when enabled. `metrics` (the drift probe's) go into
+    state.json. A `score` (train.select=best; lower is better) that beats best.json's makes this
+    checkpoint the best one, which rotation then never deletes."""
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -77,6 +86,9 @@ def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, g
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.named().items()}, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    ema_weights, ema_updates = ema.state_dict() if ema is not None else ({}, {})
+    if ema_weights:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema_weights.items()}, tmp / "ema.safetensors")
     torch.save({
         "lr_scheduler": lr_scheduler.state_dict(),
         "generator": generator.get_state(),
@@ -84,22 +96,40 @@ def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, g
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
+        "ema_updates": ema_updates,
     }, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps(
-        {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+         **({"metrics": metrics} if metrics is not None else {})}, indent=2))
     (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    best = _read_best(root)
+    if score is not None and (best is None or score < best["score"] or best["step"] == step):
+        atomic_write_text(root / "best.json", json.dumps({"checkpoint": final.name, "step": step, "score": score}) + "\n")
     atomic_write_text(root / "latest.json", json.dumps({"checkpoint": final.name, "step": step}) + "\n")
     _rotate(root, keep)
     return final
 
 
+def _read_best(root: Path) -> dict | None:
+    path = root / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint best.json names (train.select=best), or None if no checkpoint has scored."""
+    best = _read_best(checkpoints_root(output_dir))
+    return None if best is None else checkpoints_root(output_dir) / best["checkpoint"]
+
+
 def _rotate(root: Path, keep: int) -> None:
-    """Delete the oldest checkpoints beyond `keep` (names sort by step)."""
+    """Delete the oldest checkpoints beyond `keep` (names sort by step), except the best one (best.json)."""
+    best = _read_best(root)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+        if best is None or old.name != best["checkpoint"]:
+            shutil.rmtree(old)
 
 
 def check_resume_compatible(checkpoint: Path, cfg: TrainConfig, model_fingerprint: str) -> int:
@@ -123,8 +153,8 @@ def check_resume_compatible(checkpoint: Path, cfg: TrainConfig, model_fingerprin
     return state["step"]
 
 
-def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, generator: torch.Generator) -> None:
-    """Restore weights, optimizer, schedule and every RNG in place."""
+def load_weights(checkpoint: Path, trainable) -> None:
+    """Copy a checkpoint's trainable weights into the model, in place."""
     weights = load_file(checkpoint / "trainable.safetensors")
     named = trainable.named()
     if set(weights) != set(named):
@@ -132,6 +162,11 @@ def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, genera
     with torch.no_grad():
         for name, param in named.items():
             param.copy_(weights[name])
+
+
+def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, generator: torch.Generator, ema=None) -> None:
+    """Restore weights, optimizer, schedule, every RNG and the weights' moving average (`ema`) in place."""
+    load_weights(checkpoint, trainable)
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
     state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -141,3 +176,8 @@ def load_checkpoint(checkpoint: Path, trainable, optimizer, lr_scheduler, genera
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if ema is not None and ema.enabled:  # MUST_MATCH["ema"]: a checkpoint of an EMA run has the file
+        averages = load_file(checkpoint / "ema.safetensors")
+        if set(averages) != set(trainable.named()):
+            raise DreamBoothError(f"{checkpoint / 'ema.safetensors'} does not match this model's trainable weights")
+        ema.load_state_dict(averages, state["ema_updates"])

@@ -1,4 +1,4 @@
-"""Command line: `dreambooth train | class-images | sample | convert | demo | evaluate | doctor | ui`.
+"""Command line: `dreambooth train | class-images | sample | convert | demo | evaluate | identifier | doctor | ui`.
 
 `train` and `class-images` take every `TrainConfig` field as a dotted flag (`--optim.lr 2e-6`),
 generated from the dataclasses, so the flags, the YAML files and `--help` cannot drift apart.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
 from .errors import DreamBoothError
+from .evaluation.prompts import TEMPLATES
 from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
 
 TRAIN_EPILOG = """examples:
@@ -154,13 +155,20 @@ def cmd_demo(args) -> None:
         overrides["prior.enabled"] = False
     if args.family == "sdxl":
         overrides["text_encoder_2.train"] = True  # the demo trains every text encoder the base has
-    output_dir = args.output_dir or "outputs/miniworld-demo" + ("-sdxl" if args.family == "sdxl" else "")
+    if args.family == "if":  # class images from IF's own sampler: DDIM 25 leaves visible noise on the IF base
+        overrides.update({"prior.scheduler": "ddpm", "prior.num_inference_steps": 100})
+    output_dir = args.output_dir or "outputs/miniworld-demo" + ("" if args.family == "sd" else f"-{args.family}")
     demo(output_dir, subject=args.subject, base_dir=BASES[args.family], overrides=overrides, n_eval=args.n, seed=args.seed)
 
 
 def cmd_evaluate(args) -> None:
     import json
 
+    if args.real:
+        return cmd_evaluate_real(args)
+    if not args.subject:
+        raise DreamBoothError("--subject NAME is required for a miniature-world model (e.g. --subject banded_heart); "
+                              "for a real model pass --real with --dino and --clip")
     from .miniworld.evaluate import base_of, evaluate, format_table
 
     result = evaluate(args.model, args.subject, base_dir=None if args.no_base else (args.base or base_of(args.model)),
@@ -169,6 +177,52 @@ def cmd_evaluate(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"written to {args.json}")
+
+
+def cmd_evaluate_real(args) -> None:
+    from .evaluation.prompts import read_templates
+    from .evaluation.real import RealEvalSettings, defaults_from_output, evaluate_real, format_table
+
+    if not args.dino or not args.clip:
+        raise DreamBoothError("--real needs both --dino PATH (a local facebook/dino-vits16 folder) and --clip PATH "
+                              "(a local CLIP folder, e.g. openai/clip-vit-large-patch14); nothing is downloaded")
+    found = defaults_from_output(args.model)
+    photos = args.photos or found.get("photos")
+    if not photos:
+        raise DreamBoothError(f"{args.model} has no config.yaml naming the subject photos: pass --photos DIR")
+    templates = read_templates(args.prompts_file) if args.prompts_file else TEMPLATES[args.subject_type][: args.num_prompts]
+    settings = RealEvalSettings(
+        identifier=args.identifier or found.get("identifier"), noun=args.class_noun or found.get("noun"),
+        templates=templates, class_prompt=args.class_prompt or found.get("class_prompt"), num_images=args.num_images,
+        class_images=args.class_images, seed=args.seed, scheduler=args.scheduler, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size)
+    result = evaluate_real(args.model, photos, args.dino, args.clip, settings, lora_base=args.lora_base,
+                           device=_device(), out_dir=args.out_dir)
+    print(format_table(result))
+    print(f"written to {Path(args.out_dir or args.model) / 'evaluation-real.json'}")
+
+
+def cmd_identifier(args) -> None:
+    from .identifier import ClassifierMeasure, ClipMeasure, IdentifierSettings, format_table, pick_identifier
+    from .miniworld.evaluate import BASES, DEFAULT_CLASSIFIER
+
+    miniature = any(Path(args.model).resolve() == base.resolve() for base in BASES.values())
+    measure = None
+    if not args.no_render:
+        if args.classifier or (miniature and not args.clip):
+            measure = ClassifierMeasure(args.classifier or DEFAULT_CLASSIFIER)
+        elif args.clip:
+            measure = ClipMeasure(args.clip, _device())
+    settings = IdentifierSettings(
+        noun=args.class_noun, template=args.prompt, class_template=args.class_prompt, num_candidates=args.num_candidates,
+        max_length=args.max_length, id_range=tuple(args.id_range) if args.id_range else None, exclude=tuple(args.exclude),
+        tokens=tuple(args.token), num_images=args.num_images, seed=args.seed, scheduler=args.scheduler,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
+        threshold=args.threshold)
+    out_dir = Path(args.out_dir or f"outputs/identifier-{Path(args.model).name}")
+    result = pick_identifier(args.model, settings, out_dir, measure=measure, render=not args.no_render, device=_device())
+    print(format_table(result))
+    print(f"written to {out_dir} (identifier.json" + (", grid.png, tokens/*.png)" if not args.no_render else ")"))
 
 
 def cmd_doctor(args) -> int:
@@ -253,29 +307,112 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teach the bundled miniature base model a held-out subject (CPU, minutes)",
                        description="Train one held-out subject of the miniature world into the committed miniature "
                        "base model with the same `train` code path, write a before/after grid and print the evaluation.")
-    p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl for --family sdxl)")
+    p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl / -if for those families)")
     p.add_argument("--subject", default="banded_heart", help="a held-out subject of the miniature world")
-    p.add_argument("--family", default="sd", choices=["sd", "sdxl"],
-                   help="which miniature base: sd (one CLIP encoder) or sdxl (two encoders, pooled embedding, size/crop ids)")
+    p.add_argument("--family", default="sd", choices=["sd", "sdxl", "if"],
+                   help="which miniature base: sd (one CLIP encoder), sdxl (two encoders, pooled embedding, size/crop ids) "
+                   "or if (DeepFloyd IF stage I: pixel space, T5 encoder, learned-variance UNet)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (to see language drift)")
     p.add_argument("--n", type=int, default=32, help="images per evaluation prompt")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("evaluate", help="measure a miniature-world model: subject fidelity, prompt fidelity, drift, diversity",
-                       description="Score a trained output (full or LoRA) of the miniature base with the bundled "
-                       "attribute classifier, beside the base model for reference.")
-    p.add_argument("model", help="a dreambooth output folder trained from the miniature base")
-    p.add_argument("--subject", required=True, help="the held-out subject it was taught")
-    p.add_argument("--n", type=int, default=32, help="images per prompt (fixed seeds)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("evaluate", help="measure a model: the miniature world's classifier, or DINO/CLIP metrics (--real)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score a trained output (full or LoRA). Without --real: a miniature-world model, with "
+                       "the bundled attribute classifier, beside the base model for reference. With --real: any model, "
+                       "with the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV; docs/metrics.md) against "
+                       "the subject's photos, using DINO and CLIP folders you downloaded beforehand.",
+                       epilog="examples:\n"
+                       "  dreambooth evaluate outputs/heart --subject banded_heart            # miniature world\n"
+                       "  dreambooth evaluate outputs/my_dog --real --dino ./dino-vits16 --clip ./clip-vit-large-patch14 \\\n"
+                       "      --subject-type live                     # photos, identifier, noun from its config.yaml\n"
+                       "  dreambooth evaluate ./sd15 --real --dino ./dino-vits16 --clip ./clip --photos ./dog \\\n"
+                       "      --identifier sks --class-noun dog       # a base model as the baseline\n"
+                       "fetch the scorers once, where there is internet:\n"
+                       "  huggingface-cli download facebook/dino-vits16 --local-dir ./dino-vits16\n"
+                       "  huggingface-cli download openai/clip-vit-large-patch14 --local-dir ./clip-vit-large-patch14")
+    p.add_argument("model", help="a dreambooth output folder (full or LoRA), or any pipeline folder")
+    p.add_argument("--subject", default=None, help="miniature world: the held-out subject it was taught")
+    p.add_argument("--n", type=int, default=32, help="miniature world: images per prompt (fixed seeds)")
+    p.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i")
     p.add_argument("--base", default=None, help="reference base model (default: the bundled miniature base the output "
                    "was trained from, SD or SDXL)")
     p.add_argument("--no-base", action="store_true", help="skip measuring the base")
     p.add_argument("--lora-base", default=None, help="base for a LoRA output whose config.yaml path moved")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--json", default=None, help="miniature world: also write the results as JSON here")
+    real = p.add_argument_group("real models (--real)")
+    real.add_argument("--real", action="store_true", help="score with DINO / CLIP against the subject's photos "
+                      "(writes evaluation-real.json and evaluation-real.png)")
+    real.add_argument("--dino", metavar="PATH", help="local DINO ViT folder (facebook/dino-vits16, a ViTModel): DINO, "
+                      "PRES and DIV")
+    real.add_argument("--clip", metavar="PATH", help="local CLIP folder with its tokenizer (CLIPModel, e.g. "
+                      "openai/clip-vit-large-patch14): CLIP-I and CLIP-T")
+    real.add_argument("--photos", metavar="DIR", help="the subject's photos (default: concept.instance_dir of the "
+                      "output's config.yaml)")
+    real.add_argument("--identifier", help="the rare token (default: from config.yaml, e.g. sks); CLIP-T scores each "
+                      "prompt without it")
+    real.add_argument("--class-noun", help="the class noun that follows the identifier (default: the instance "
+                      "prompt's last word, e.g. dog)")
+    real.add_argument("--subject-type", choices=sorted(TEMPLATES), default="object",
+                      help="DreamBench's prompt list: object (20 new contexts + 5 property changes) or live (dogs, "
+                      "cats: 10 contexts, 10 accessories, 5 properties)")
+    real.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts of the list (a quick "
+                      "look; the paper uses all 25)")
+    real.add_argument("--prompts-file", metavar="FILE", help="your own prompt templates, one a line, with {identifier} "
+                      "and {noun}, e.g. 'a {identifier} {noun} in the snow'")
+    real.add_argument("--num-images", type=int, default=4, help="images per prompt (the paper: 4; at least 2 for DIV)")
+    real.add_argument("--class-images", type=int, default=16, help="images of the class prompt for PRES")
+    real.add_argument("--class-prompt", help="PRES's prompt (default: config.yaml's class_prompt, else 'a NOUN')")
+    real.add_argument("--scheduler", choices=SAMPLERS, default="dpm++", help="sampler (default dpm++)")
+    real.add_argument("--steps", type=int, default=25, help="inference steps")
+    real.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    real.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    real.add_argument("--batch-size", type=int, default=4, help="images per pipeline call: memory, not results")
+    real.add_argument("--out-dir", default=None, help="where the JSON and the grid go (default: MODEL)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("identifier", help="pick a rare-token identifier (like sks) for a base model, the paper's way",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="List rare tokens of the model's vocabulary that could name your subject (1-3 "
+                       "letters, no common word, one token in every tokenizer of the model), render 'a photo of TOKEN "
+                       "NOUN' beside 'a photo of a NOUN' with the same seeds, and flag the tokens the model already "
+                       "associates with something. The measure: the bundled classifier for the miniature base, CLIP "
+                       "(--clip) elsewhere; without either, the grids only.",
+                       epilog="examples:\n"
+                       "  dreambooth identifier --model ./stable-diffusion-v1-5 --class-noun dog --clip ./clip-vit-large-patch14\n"
+                       "  dreambooth identifier --model ./sdxl-base --class-noun dog --token sks --token ohwx   # check yours too\n"
+                       "  dreambooth identifier --model src/dreambooth/miniworld/assets/base --class-noun toy\n"
+                       "  dreambooth identifier --model ./IF-I-XL-v1.0 --class-noun dog --id-range 5000 10000 --no-render")
+    p.add_argument("--model", required=True, help="the base model folder you will train (or a single-file checkpoint)")
+    p.add_argument("--class-noun", required=True, help="the class noun of your subject, e.g. dog")
+    p.add_argument("--token", action="append", default=[], metavar="WORD",
+                   help="also check this identifier (repeat for several), e.g. --token sks")
+    p.add_argument("--num-candidates", type=int, default=8, help="rare tokens to list (default 8)")
+    p.add_argument("--max-length", type=int, default=3, help="longest candidate, in letters (the paper: 3)")
+    p.add_argument("--id-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="draw from token ids LO <= id < HI of the first tokenizer (default: its rarer half; the paper "
+                   "used 5000 10000 of T5's 32,000)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="WORD", help="more words never to propose")
+    p.add_argument("--prompt", default="a photo of {token} {noun}", help="the subject prompt template (default: "
+                   "'a photo of {token} {noun}', as your instance prompt will read)")
+    p.add_argument("--class-prompt", default="a photo of a {noun}", help="the plain class prompt template")
+    p.add_argument("--num-images", type=int, default=4, help="renders per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    p.add_argument("--scheduler", choices=SAMPLERS, default="dpm++")
+    p.add_argument("--steps", type=int, default=25, help="inference steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--clip", metavar="PATH", help="a local CLIP folder: measure how far each token's renders are "
+                   "from the class prompt's")
+    p.add_argument("--classifier", metavar="DIR", help="a miniature-world attribute classifier (default for the "
+                   "bundled miniature bases: the bundled one)")
+    p.add_argument("--threshold", type=float, default=None, help="flag tokens whose association exceeds this "
+                   "(default: 0.25 total variation for the classifier, 0.05 cosine for CLIP)")
+    p.add_argument("--no-render", action="store_true", help="only list the candidates and their tokenization")
+    p.add_argument("--out-dir", default=None, help="default: outputs/identifier-MODELNAME")
+    p.set_defaults(func=cmd_identifier)
 
     p = sub.add_parser("doctor", help="check a folder of photos before training: buckets, duplicates, blur, captions",
                        description="Report what training will make of a folder of photos: each photo's size, aspect, "

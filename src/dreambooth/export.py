@@ -124,6 +124,8 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         *([f"- knowledge preservation: weight {cfg.prior.preserve_weight:g} on {len(cfg.preservation_prompts())} prompts "
            "(targets: the base model's predictions)"] if cfg.prior.preserve_weight else []),
         f"- Min-SNR gamma: {cfg.objective.snr_gamma}; mixed precision: {cfg.memory.mixed_precision}",
+        *([f"- weights: the exponential moving average of the trained weights (decay up to {cfg.ema.decay:g}, "
+           f"warm-up {'on' if cfg.ema.warmup else 'off'})"] if cfg.ema.enabled else []),
         f"- preset: {cfg.preset or 'none'}; full settings in `config.yaml`",
         "",
         "## Use",
@@ -135,7 +137,7 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
               f"or `dreambooth sample {out} --prompt \"{concepts[0].instance_prompt}\"`.", ""]
     if base_dir is not None and Path(cfg.model.path) != Path(base_dir):
         lines += [f"Trained from the single file `{cfg.model.path}`; the base above is its diffusers copy.", ""]
-    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file):
+    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file and not cfg.lora.use_dora):
         lines += [f"For AUTOMATIC1111 / ComfyUI: `{KOHYA_WEIGHTS}` (kohya format) in `models/Lora`.", ""]
     elif cfg.export.single_file and family.single_file:
         lines += [f"For AUTOMATIC1111 / ComfyUI: `{SINGLE_FILE}` (one file, original layout) in `models/Stable-diffusion`.", ""]

@@ -108,6 +108,16 @@ def diffusion_loss(
     """
     noise = sample_noise(latents.shape, generator, offset_noise).to(latents.device, latents.dtype)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator).to(latents.device)
+    per_sample = denoising_loss(predict, scheduler, latents, noise, timesteps, teacher, distilled)  # (B,)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma).to(per_sample.device)
+    return per_sample
+
+
+def denoising_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, teacher=None,
+                   distilled: torch.Tensor | None = None) -> torch.Tensor:
+    """The unweighted per-sample MSE (B,) for given noise and timesteps (training draws them; the drift probe fixes them)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, C, H, W)
     prediction = predict(noisy, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
@@ -117,10 +127,7 @@ def diffusion_loss(
             target = target.clone()
             target[rows] = teacher(noisy[rows], timesteps[rows], rows).to(target.dtype)
     # MSE in fp32 whatever the autocast dtype: the per-sample means are what we weight.
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
-    if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma).to(per_sample.device)
-    return per_sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
 
 
 def distilled_samples(is_prior: torch.Tensor, is_preserve: torch.Tensor | None, prior_from_model: bool) -> torch.Tensor | None:

@@ -140,6 +140,10 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # Our bar counts batches; the pipeline's per-step bar would print a new line per batch.
     pipe.set_progress_bar_config(disable=True)
+    # DeepFloyd IF's pipelines clean prompts with bs4/ftfy when those are installed (and print a warning per call
+    # when not); the trainer encodes prompts as their fallback does (lower-case, strip), so sample a prompt the way
+    # training read it, whatever is installed.
+    cleaning = {"clean_caption": False} if "clean_caption" in inspect.signature(pipe.__call__).parameters else {}
     starts = range(0, len(prompts), batch_size)
     images: list[Image.Image] = []
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
@@ -154,6 +158,7 @@ def generate(
             guidance_scale=guidance_scale,
             generator=generators,
             output_type="pil",
+            **cleaning,
             **({"height": height, "width": width} if height is not None else {}),  # an x4 upscaler takes neither
             **{name: values[start : start + batch_size] for name, values in (inputs or {}).items()},
         )

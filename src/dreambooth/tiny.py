@@ -187,6 +187,39 @@ def write_photos(folder: str | Path, n: int, seed: int = 0, size: int = 40) -> l
     return paths
 
 
+def build_tiny_dino(path: str | Path, image_size: int = 32) -> Path:
+    """A tiny random ViT in DINO's format (transformers ViTModel, 16-px patches, ImageNet normalisation in its
+    preprocessor_config.json), standing in for facebook/dino-vits16 in the evaluation tests."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(image_size=image_size, patch_size=16, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return Path(path)
+
+
+def build_tiny_clip(path: str | Path, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel with the bundled CLIP BPE tokenizer and a CLIP image processor config, standing in
+    for openai/clip-vit-large-patch14 in the evaluation tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **layers),
+        vision_config=dict(image_size=image_size, patch_size=16, **layers), projection_dim=16))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return Path(path)
+
+
 T5_TOKENIZER_DIR = Path(__file__).parent / "assets" / "t5_tokenizer"
 
 

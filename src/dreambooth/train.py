@@ -2,12 +2,14 @@
 
     1. check the settings, load the model, read and validate every photo (fail before any work)
     2. generate missing class images (prior preservation with prior.source=images)
-    3. choose what trains (full / LoRA, text encoder), memory options, optimizer, LR schedule
+    3. choose what trains (full / LoRA, text encoder), memory options, optimizer, LR schedule,
+       the weights' moving average (ema.enabled: what validation and export use)
     4. cache latents / text embeddings when nothing about them changes during training
     5. resume from the latest checkpoint if asked
     6. the loop: per optimizer step, `gradient_accumulation_steps` micro-batches of subject
        (+ class) examples -> per-sample losses -> weighted sum -> backward; clip, step, zero
-    7. periodic checkpoints and validation images; final export and model card
+    7. periodic checkpoints, drift probe and validation images; final export (the last or the best
+       checkpoint, `train.select`) and model card
 
 Multi-GPU, multi-node, DeepSpeed and FSDP come from accelerate (`accelerate launch -m
 dreambooth.cli train ...`); nothing here is device- or topology-specific.
@@ -15,6 +17,7 @@ dreambooth.cli train ...`); nothing here is device- or topology-specific.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -32,10 +35,12 @@ from .data.buckets import buckets_for, class_image_counts, nearest_bucket
 from .data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
 from .data.dataset import DreamBoothData, Positions, class_examples, class_prompt_twins, subject_examples
 from .doctor import log_short_report
+from .ema import WeightAverage
 from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
 from .inputs import Latents, Texts
+from .monitor import DriftMonitor, checkpoint_scorer, probe_class_images, score
 from .models.load import check_resolution, check_settings, detect_family, model_folder
 from .models.memory import apply_memory_options
 from .models.frozen_base import FrozenBase
@@ -62,6 +67,7 @@ class TrainResult:
     seconds: float = 0.0
     trainable_parameters: int = 0
     stopped: bool = False  # stopped early on request (STOP_FILE): checkpointed, not exported
+    exported_step: int | None = None  # the step whose weights were exported (train.select=best may pick an earlier one)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -125,6 +131,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                  dtype=weight_dtype if accelerator.device.type == "cuda" else torch.float32)
                      for c in concepts]
         klass = class_examples(files, concepts, cfg.data)
+    probe_images = []  # without class images, the drift probe has the base draw its own few
+    if cfg.monitor.every_n_steps and not (cfg.prior.enabled and cfg.prior.source == "images"):
+        with accelerator.main_process_first():
+            probe_images = probe_class_images(cfg, concepts, model_dir, accelerator.device, torch.float32)
     accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
     data = DreamBoothData(subject, klass, cfg.data, cfg.train.seed, Positions(cfg.train.batch_size, accum, world, rank),
                           buckets=buckets, preserve_prompts=cfg.preservation_prompts())
@@ -148,6 +158,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         _place(module, accelerator.device, weight_dtype)
     *models, optimizer = accelerator.prepare(*(comps.modules[n] for n in trainable.modules), optimizer)
     comps.modules.update(zip(trainable.modules, models))  # the trained modules, as accelerate wraps them
+    ema = WeightAverage(trainable, cfg.ema)  # fp32, beside the weights; every call a no-op unless ema.enabled
     stop_steps = {name: te.stop_step for name, te in text_encoders.items() if name in trainable.modules and te.stop_step is not None}
 
     # 4. inputs: encode each image / prompt once when the result cannot change
@@ -157,6 +168,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                   accelerator.device)
     if base is not None:
         base.encode_prompts([e.prompt for e in data.subject + data.klass] + data.preserve_prompts)
+    # the drift probe: built, and the base's losses measured, before a resume loads any trained weights
+    monitor = DriftMonitor(comps, data, cfg.monitor, probe_images, cfg.trains_text_encoder) if cfg.monitor.every_n_steps else None
+    scorer = checkpoint_scorer(cfg, comps, model_dir)  # train.select=best in the miniature world: the classifier
     if cfg.memory.offload_text_encoders:  # frozen and no longer needed on the device: texts holds their output
         for name in set(family.text_encoders) - set(trainable.modules):
             comps.modules[name].to("cpu")
@@ -164,7 +178,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 5. resume
     generator = torch.Generator().manual_seed(cfg.train.seed)  # noise, timesteps, latent samples
     if resume_from is not None:
-        ckpt.load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator)
+        ckpt.load_checkpoint(resume_from, trainable, optimizer, lr_scheduler, generator, ema)
         log.info("resumed from %s at step %d", resume_from, start_step)
     for name, stop in stop_steps.items():
         if start_step >= stop:
@@ -173,6 +187,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 6. the loop
     logger = Logger(out / "logs", enabled=accelerator.is_main_process, resumed_at=start_step if resume_from else None)
     result = TrainResult(out, start_step, trainable_parameters=trainable.count())
+    if monitor is not None and resume_from is None:
+        logger.scalars(0, **monitor.base_metrics())
     timer = PhaseTimer(enabled=True, synchronize=cfg.train.time_phases)
     result.phase_seconds = timer.seconds
     for m in models:
@@ -218,6 +234,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             step_loss += loss.detach() / accum
         timer.end_step()
         lr_scheduler.step()
+        ema.update()
         done = step + 1
         step_loss = step_loss.item()  # one host sync per step, not per micro-batch
         result.losses[done] = step_loss
@@ -227,21 +244,28 @@ def train(cfg: TrainConfig) -> TrainResult:
         if done % cfg.train.log_every_n_steps == 0:
             logger.scalars(done, loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
 
-        # 7. checkpoints and validation
+        # 7. checkpoints, drift probe and validation
         # The last step is saved too, so a finished run can be extended (raise max_steps, resume).
-        if cfg.checkpoint.every_n_steps and (done % cfg.checkpoint.every_n_steps == 0 or done == cfg.train.max_steps):
+        saving = cfg.checkpoint.every_n_steps and (done % cfg.checkpoint.every_n_steps == 0 or done == cfg.train.max_steps)
+        probe = None
+        if monitor is not None and (saving or done % cfg.monitor.every_n_steps == 0):
+            with accelerator.autocast():
+                probe = monitor.measure()
+            logger.scalars(done, **probe)
+        if saving:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                best_score, metrics = _score(scorer, probe, cfg, comps, trainable, accelerator)
                 ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
-                                     cfg.checkpoint.keep, fingerprint)
+                                     cfg.checkpoint.keep, fingerprint, ema, metrics=metrics, score=best_score)
         if cfg.validation.every_n_steps and done % cfg.validation.every_n_steps == 0 and done < cfg.train.max_steps:
-            _validate(comps, trainable, cfg, data, texts, accelerator, logger, done)
+            _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, done)
         if done < cfg.train.max_steps and (out / STOP_FILE).exists():
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 if ckpt.latest_checkpoint(out) != ckpt.checkpoints_root(out) / f"step-{done:06d}":  # not saved above
                     ckpt.save_checkpoint(out, done, trainable, optimizer, lr_scheduler, generator, to_dict(cfg),
-                                         cfg.checkpoint.keep, fingerprint)
+                                         cfg.checkpoint.keep, fingerprint, ema)
                 (out / STOP_FILE).unlink(missing_ok=True)
             result.stopped = True
             log.info("stop requested: checkpoint written at step %d; continue with train.resume", done)
@@ -258,16 +282,26 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     accelerator.wait_for_everyone()
     comps.modules.update({name: accelerator.unwrap_model(comps.modules[name]) for name in trainable.modules})
+    result.exported_step = result.steps
+    best = ckpt.best_checkpoint(out) if cfg.train.select == "best" else None
+    if best is not None:  # the best-scoring checkpoint's weights replace the last step's
+        ckpt.load_weights(best, trainable)
+        result.exported_step = int(best.name.split("-")[-1])
+        log.info("train.select=best: exporting %s (of %d steps)", best.name, result.steps)
+    elif cfg.train.select == "best":
+        log.warning("train.select=best: no checkpoint's subject probe fell to monitor.fit_ratio=%s of the base's; "
+                    "exporting the last step", cfg.monitor.fit_ratio)
     photos = [e.image for e in data.subject]  # an upscaler's validation input
     if accelerator.is_main_process:
-        # The model is written before the final validation, so a failure there cannot lose it.
-        export(comps, out, trainable, cfg.train.method == "lora", cfg.export,
-               card=model_card(cfg, family, None, result, out, model_dir), config_yaml=yaml_text(cfg))
-        if cfg.validation.prompts:
-            with accelerator.autocast():
-                grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger, photos,
-                                texts if cfg.memory.offload_text_encoders else None)
-            update_model_card(out, model_card(cfg, family, grid, result, out, model_dir))
+        with ema.applied():  # ema.enabled: the averaged weights are the model written and shown
+            # The model is written before the final validation, so a failure there cannot lose it.
+            export(comps, out, trainable, cfg.train.method == "lora", cfg.export,
+                   card=model_card(cfg, family, None, result, out, model_dir), config_yaml=yaml_text(cfg))
+            if cfg.validation.prompts:
+                with accelerator.autocast():
+                    grid = validate(comps, cfg.validation, cfg.data.resolution, out / "samples", result.steps, logger,
+                                    photos, texts if cfg.memory.offload_text_encoders else None)
+                update_model_card(out, model_card(cfg, family, grid, result, out, model_dir))
     logger.close()
     result.seconds = time.time() - start_time
     accelerator.end_training()
@@ -312,18 +346,38 @@ def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, mod
     return files
 
 
-def _validate(comps, trainable, cfg, data, texts, accelerator, logger, step) -> None:
-    """Render the validation grid from the unwrapped modules, then hand the wrapped ones back to training."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        wrapped = {name: comps.modules[name] for name in trainable.modules}
-        comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
+@contextlib.contextmanager
+def _unwrapped(comps, trainable, accelerator):
+    """Pipelines render from the unwrapped modules; the wrapped ones go back to training afterwards."""
+    wrapped = {name: comps.modules[name] for name in trainable.modules}
+    comps.modules.update({name: accelerator.unwrap_model(m) for name, m in wrapped.items()})
+    try:
         with accelerator.autocast():
-            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
-                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
+            yield
+    finally:
         comps.modules.update(wrapped)
         for m in wrapped.values():
             m.train()
+
+
+def _validate(comps, trainable, ema, cfg, data, texts, accelerator, logger, step) -> None:
+    """Render the validation grid (main process), with the averaged weights when ema.enabled."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with _unwrapped(comps, trainable, accelerator), ema.applied():
+            validate(comps, cfg.validation, cfg.data.resolution, Path(cfg.train.output_dir) / "samples", step, logger,
+                     [e.image for e in data.subject], texts if cfg.memory.offload_text_encoders else None)
+
+
+def _score(scorer, probe, cfg, comps, trainable, accelerator) -> tuple[float | None, dict | None]:
+    """A checkpoint's train.select=best score (lower is better; None: not a candidate) and the metrics it keeps."""
+    if cfg.train.select != "best":
+        return None, probe
+    if scorer is None:
+        return score(probe, cfg.monitor.fit_ratio), probe
+    with _unwrapped(comps, trainable, accelerator):
+        value, measured = scorer(comps)
+    return value, {**probe, "classifier": measured, "score": value}
 
 
 def summary(result: TrainResult) -> str:

@@ -31,6 +31,8 @@ def write_formats(comps, folder: Path, trainable, lora: bool, settings) -> list[
     if not fam.single_file:
         return []
     if lora:
+        if is_dora(comps.denoiser):  # diffusers reads our dora_scale keys back wrongly (verification fails): not offered
+            return []
         save_kohya(comps.modules, sorted(trainable.modules), fam.text_encoders, folder / KOHYA_WEIGHTS)
         return [KOHYA_WEIGHTS]
     if settings.single_file:
@@ -38,6 +40,12 @@ def write_formats(comps, folder: Path, trainable, lora: bool, settings) -> list[
         folder_to_single_file(folder, folder / SINGLE_FILE, dtype)
         return [SINGLE_FILE]
     return []
+
+
+def is_dora(module) -> bool:
+    """Whether `module`'s adapters are DoRA (peft's use_dora)."""
+    config = getattr(module, "peft_config", {}).get("default")
+    return bool(config is not None and config.use_dora)
 
 
 def verify_export(comps, out: Path, trainable, lora: bool) -> Verification:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import world
-from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings, evaluate, format_table
+from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings, default_settings, evaluate, format_table
 
 # The recipe that worked in the feasibility study: full fine-tune at lr 1e-4, batch 1 + 1 class
 # image, prior preservation (100 class images, weight 1), text encoder trained, 800 steps.
@@ -91,9 +91,10 @@ def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "band
     result = train(cfg)
     train_seconds = time.time() - t0
     model_dir = Path(cfg.train.output_dir)
-    grid, prompts = before_after_grid(base_dir, model_dir, subject, settings=EvalSettings(seed=seed))
+    settings = default_settings(base_dir, n_eval, seed)  # the sampler suited to the base's family
+    grid, prompts = before_after_grid(base_dir, model_dir, subject, settings=settings)
     grid.save(output_dir / "grid.png")
-    evaluation = evaluate(model_dir, subject, base_dir=base_dir, n=n_eval, seed=seed, classifier_dir=classifier_dir)
+    evaluation = evaluate(model_dir, subject, base_dir=base_dir, classifier_dir=classifier_dir, settings=settings)
     evaluation.update({"train_seconds": round(train_seconds, 1), "steps": result.steps, "grid_rows": prompts,
                        "total_seconds": round(time.time() - t0, 1)})
     (output_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")

@@ -94,6 +94,9 @@ BAR_CANDIDATES: dict[str, dict] = {
     "model-prior+kp": {**MODEL_PRIOR, "prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": PRESERVE_WEIGHT},
     # class images for the class prompt (the demo's), knowledge preservation for the rest
     "demo+kp": {"prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": PRESERVE_WEIGHT},
+    # the demo's training run, but validated and exported from the moving average of its weights
+    # (ema.py; warm-up on: the average weighs about the last tenth of the 800 steps)
+    "ema": {"ema.enabled": True},
 }
 
 

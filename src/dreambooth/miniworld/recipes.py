@@ -319,11 +319,20 @@ class BaseRecipe:
     family: str = "sd"  # "sdxl": a second, projected text encoder, pooled embedding and size/crop time ids
     text_hidden_2: int = 0  # SDXL: the second encoder's width (OpenCLIP bigG's role), also the pooled width
     time_dim: int = 0  # SDXL: addition_time_embed_dim, per size/crop number
+    unet_channels: tuple[int, ...] = (64, 128)  # block_out_channels of the UNet
 
 
 # The miniature SDXL base: the same world, VAE and tokenizer files as the SD base; two narrower
 # text encoders (their 49,408-row embeddings dominate the size) so that it stays under 15 MB.
 SDXL_BASE = BaseRecipe(family="sdxl", text_hidden=24, text_hidden_2=32, time_dim=8)
+
+# The miniature DeepFloyd IF stage I base: pixel space (no VAE: the UNet denoises the 32 x 32 image
+# itself), a T5 v1.1-style encoder over a small unigram vocabulary of the world's words
+# (scripts/make_t5_tokenizer.py --miniworld), and IF's UNet layout: plain resnets at 32 px, text
+# as added keys/values in the attention of the 16 and 8 px levels, an attention-pooled text
+# embedding added to the time embedding, 6 output channels (noise and variance). Trained on the
+# noise half only (L_simple), so its scheduler samples with a fixed variance.
+IF_BASE = BaseRecipe(family="if", text_hidden=64, text_layers=3, unet_channels=(16, 32, 64))
 
 
 def build_text_encoder(tokenizer, recipe: BaseRecipe, hidden: int | None = None, projected: bool = False):
@@ -338,14 +347,48 @@ def build_text_encoder(tokenizer, recipe: BaseRecipe, hidden: int | None = None,
     ))
 
 
+def build_t5_encoder(tokenizer, recipe: BaseRecipe):
+    """A T5 v1.1-style encoder (gated-GELU feed-forward, relative positions), as IF's T5-XXL in miniature."""
+    from transformers import T5Config, T5EncoderModel
+
+    hidden = recipe.text_hidden
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=hidden, num_layers=recipe.text_layers, num_heads=4, d_kv=hidden // 4,
+        d_ff=2 * hidden, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_if_unet(recipe: BaseRecipe):
+    """IF stage I's UNet layout (tiny.IF_ARCHITECTURES) at 32 px: 3 channels in, noise + variance out."""
+    from diffusers import UNet2DConditionModel
+
+    from ..tiny import _if_unet
+
+    top = recipe.unet_channels[-1]
+    return UNet2DConditionModel(sample_size=world.SIZE, in_channels=3, out_channels=6, norm_num_groups=16,
+                                **_if_unet(recipe.unet_channels, 1, top, recipe.text_hidden, 16, 4))
+
+
+def build_if_scheduler():
+    """IF's noise schedule (cosine betas, dynamic thresholding at the 95th percentile, clipping at 1.5), with a
+    fixed variance: the miniature base never trained its variance half."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                         variance_type="fixed_small", thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
+
+
 def build_unet(recipe: BaseRecipe):
     from diffusers import UNet2DConditionModel
 
+    if recipe.family == "if":
+        return build_if_unet(recipe)
     sdxl = {} if recipe.family == "sd" else dict(
         addition_embed_type="text_time", addition_time_embed_dim=recipe.time_dim,
         projection_class_embeddings_input_dim=6 * recipe.time_dim + recipe.text_hidden_2)
     return UNet2DConditionModel(
-        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+        sample_size=world.SIZE // 4, in_channels=4, out_channels=4, block_out_channels=recipe.unet_channels, layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=recipe.text_hidden + recipe.text_hidden_2, attention_head_dim=4, norm_num_groups=16, **sdxl,
     )
@@ -373,13 +416,20 @@ def write_tokenizer(src: Path, dst: Path, pad_token: str = "<|endoftext|>") -> N
 
 @torch.no_grad()
 def encode_pool(vae, n: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[world.Scene]]:
-    """Render and VAE-encode world examples 0..n-1: posterior mean and std (n, 4, 8, 8), scenes."""
+    """Render and VAE-encode world examples 0..n-1: posterior mean and std (n, 4, 8, 8), scenes.
+
+    Without a VAE (pixel space) the mean is the image itself (n, 3, 32, 32) and the std zero."""
     means, stds, scenes = [], [], []
     for i in range(0, n, batch):
         ex = [world.world_example(s) for s in range(i, min(n, i + batch))]
-        dist = vae.encode(images_to_tensor([e[0] for e in ex])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        pixels = images_to_tensor([e[0] for e in ex])
+        if vae is None:
+            means.append(pixels)
+            stds.append(torch.zeros_like(pixels))
+        else:
+            dist = vae.encode(pixels).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
         scenes += [e[2] for e in ex]
     return torch.cat(means), torch.cat(stds), scenes
 
@@ -411,32 +461,46 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
     t_start = time.time()
     out_dir = Path(out_dir)
     family = FAMILIES[recipe.family]
+    pixel_space = recipe.family == "if"  # no VAE: the UNet denoises the image itself
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else out_dir / "tokenizer"
-    if not (tokenizer_dir / "vocab.json").is_file():
-        raise FileNotFoundError(f"no CLIP tokenizer at {tokenizer_dir}; make one with scripts/make_clip_tokenizer.py "
-                                "from open-clip-torch's bpe_simple_vocab_16e6.txt.gz and pass --tokenizer")
     tmp_tok = out_dir.parent / f".tokenizer-staging-{recipe.family}"
     tokenizers = {}
-    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))[:len(family.text_encoders)]:
-        write_tokenizer(tokenizer_dir, tmp_tok / name, pad_token=pad)
-        tokenizers[name] = CLIPTokenizer.from_pretrained(tmp_tok / name)
-    vae = load_vae(Path(vae_dir) if vae_dir else out_dir / "vae")
+    if pixel_space:
+        from transformers import T5Tokenizer
 
-    log(f"encoding {recipe.pool} world examples with the VAE")
-    mean, std, scenes = encode_pool(vae, recipe.pool)  # (P, 4, 8, 8) each
-    scale = vae.config.scaling_factor
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no T5 tokenizer at {tokenizer_dir}; make one with "
+                                    "scripts/make_t5_tokenizer.py --miniworld DIR and pass --tokenizer DIR")
+        tokenizers["tokenizer"] = T5Tokenizer.from_pretrained(tokenizer_dir)
+    else:
+        if not (tokenizer_dir / "vocab.json").is_file():
+            raise FileNotFoundError(f"no CLIP tokenizer at {tokenizer_dir}; make one with scripts/make_clip_tokenizer.py "
+                                    "from open-clip-torch's bpe_simple_vocab_16e6.txt.gz and pass --tokenizer")
+        for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))[:len(family.text_encoders)]:
+            write_tokenizer(tokenizer_dir, tmp_tok / name, pad_token=pad)
+            tokenizers[name] = CLIPTokenizer.from_pretrained(tmp_tok / name)
+    vae = None if pixel_space else load_vae(Path(vae_dir) if vae_dir else out_dir / "vae")
+
+    log(f"rendering {recipe.pool} world examples" + ("" if pixel_space else " and encoding them with the VAE"))
+    mean, std, scenes = encode_pool(vae, recipe.pool)  # (P, 4, 8, 8) each; pixel space (P, 3, 32, 32)
+    scale = 1.0 if pixel_space else vae.config.scaling_factor
 
     torch.manual_seed(recipe.seed)
-    text_encoders = {"text_encoder": build_text_encoder(tokenizers["tokenizer"], recipe)}
+    if pixel_space:
+        text_encoders = {"text_encoder": build_t5_encoder(tokenizers["tokenizer"], recipe)}
+    else:
+        text_encoders = {"text_encoder": build_text_encoder(tokenizers["tokenizer"], recipe)}
     if "text_encoder_2" in family.text_encoders:
         text_encoders["text_encoder_2"] = build_text_encoder(tokenizers["tokenizer_2"], recipe, recipe.text_hidden_2, projected=True)
     torch.manual_seed(recipe.seed)
     unet = build_unet(recipe)
-    comps = Components(out_dir, family, {"unet": unet, "vae": vae, **text_encoders}, tokenizers, None, build_scheduler())
+    folder_scheduler = build_if_scheduler() if pixel_space else build_scheduler()
+    vae_part = {} if vae is None else {"vae": vae}
+    comps = Components(out_dir, family, {"unet": unet, **vae_part, **text_encoders}, tokenizers, None, folder_scheduler)
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in {"unet": unet, **text_encoders}.items()}
     log(f"{family.name} base: " + ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
                                            for name, m in {"unet": unet, **text_encoders}.items()) + " parameters")
-    noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
+    noise_scheduler = DDPMScheduler.from_config(folder_scheduler.config)
     trained = [unet, *text_encoders.values()]
     params = [p for m in trained for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -480,7 +544,7 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
     train_seconds = time.time() - t0
 
     comps.modules.update({name: m.eval() for name, m in ema.items()})
-    family.pipeline(comps, scheduler=build_scheduler()).save_pretrained(out_dir)
+    family.pipeline(comps, scheduler=folder_scheduler).save_pretrained(out_dir)
     index = json.loads((out_dir / "model_index.json").read_text())
     if "force_zeros_for_empty_prompt" in index:
         # SDXL's pipeline replaces the negative prompt "" by zeros, as SDXL was trained; this base
@@ -489,13 +553,14 @@ def train_base(out_dir: Path, tokenizer_dir: Optional[Path] = None, minutes: Opt
         (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     import shutil
 
-    for name in tokenizers:  # only vocab.json + merges.txt + config, as SD ships it
-        shutil.rmtree(out_dir / name)
-        write_tokenizer(tmp_tok / name, out_dir / name, pad_token=tokenizers[name].pad_token)
-    shutil.rmtree(tmp_tok)
-    vae_config = out_dir / "vae" / "config.json"  # drop the machine-specific path from_pretrained recorded
-    vae_config.write_text(json.dumps({k: v for k, v in json.loads(vae_config.read_text()).items() if k != "_name_or_path"},
-                                     indent=2, sort_keys=True) + "\n")
+    if not pixel_space:
+        for name in tokenizers:  # only vocab.json + merges.txt + config, as SD ships it
+            shutil.rmtree(out_dir / name)
+            write_tokenizer(tmp_tok / name, out_dir / name, pad_token=tokenizers[name].pad_token)
+        shutil.rmtree(tmp_tok)
+        vae_config = out_dir / "vae" / "config.json"  # drop the machine-specific path from_pretrained recorded
+        vae_config.write_text(json.dumps({k: v for k, v in json.loads(vae_config.read_text()).items() if k != "_name_or_path"},
+                                         indent=2, sort_keys=True) + "\n")
     save_fp16(out_dir)
     info = {"recipe": asdict(recipe), "steps": total[0], "train_seconds": round(train_seconds),
             "total_seconds": round(time.time() - t_start), "final_loss": round(float(np.mean(losses[-200:])), 4),

@@ -53,10 +53,10 @@ def trained_module_names(comps: Components, text_encoders: dict[str, TextEncoder
                                       if name in text_encoders and text_encoders[name].train]
 
 
-def _lora_config(lora: LoRAConfig, targets: list[str]):
+def _lora_config(lora: LoRAConfig, targets: list[str], dora: bool = False):
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=dora,
                       init_lora_weights="gaussian", target_modules=list(targets))
 
 
@@ -77,8 +77,11 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
         if dtype != torch.float32:
             module.to(dtype)
         if method == "lora":
-            targets = lora.unet_targets if name == comps.family.denoiser else lora.text_encoder_targets
-            module.add_adapter(_lora_config(lora, targets or comps.family.lora_targets[name]))
+            denoiser = name == comps.family.denoiser
+            targets = lora.unet_targets if denoiser else lora.text_encoder_targets
+            # DoRA on the denoiser only: a text encoder's DoRA magnitudes do not load back through
+            # diffusers/transformers (measured: saved as `...lora_magnitude_vector`, expected with `.weight`)
+            module.add_adapter(_lora_config(lora, targets or comps.family.lora_targets[name], dora=lora.use_dora and denoiser))
         else:
             module.requires_grad_(True)
     params = {name: {n: p for n, p in comps.modules[name].named_parameters() if p.requires_grad} for name in trained}

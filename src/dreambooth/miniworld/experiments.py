@@ -92,6 +92,8 @@ BAR_CANDIDATES: dict[str, dict] = {
     "demo": {},  # today's demo recipe, the reference
     "model-prior": MODEL_PRIOR,
     "model-prior+kp": {**MODEL_PRIOR, "prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": PRESERVE_WEIGHT},
+    # a lighter preservation weight: weight 1 held prompt following but slowed the subject (probe: banded_heart seed 0)
+    "model-prior+kp0.3": {**MODEL_PRIOR, "prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": 0.3},
     # class images for the class prompt (the demo's), knowledge preservation for the rest
     "demo+kp": {"prior.preserve_prompts": preserve_prompts(), "prior.preserve_weight": PRESERVE_WEIGHT},
     # the demo's training run, but validated and exported from the moving average of its weights

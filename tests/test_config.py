@@ -144,6 +144,11 @@ def test_valid_config_validates():
     ({"concept.class_dir": "cls"}, ["class_dir", "prior.enabled"]),
     ({"text_encoder.stop_step": 10}, ["stop_step", "text_encoder.train"]),
     ({"text_encoder.lr": 1e-6}, ["text_encoder.lr", "text_encoder.train"]),
+    ({"text_encoder.scope": "identifier"}, ["scope", "text_encoder.train"]),
+    ({"text_encoder.train": True, "text_encoder.scope": "identifier", "train.method": "lora"}, ["text_encoder.scope", "train.method=full"]),
+    ({"text_encoder.train": True, "text_encoder.identifier_lr": 3e-3, "train.method": "lora"}, ["text_encoder.identifier_lr", "train.method=full"]),
+    ({"text_encoder.train": True, "text_encoder.scope": "identifier", "text_encoder.lr": 1e-4}, ["text_encoder.lr", "text_encoder.identifier_lr"]),
+    ({"text_encoder.train": True, "text_encoder.identifier_lr": 0.0}, ["text_encoder.identifier_lr"]),
     ({"text_encoder.train": True, "memory.cache_text_embeddings": True}, ["memory.cache_text_embeddings", "text_encoder.train"]),
     ({"memory.cache_latents": True, "data.random_flip": True}, ["memory.cache_latents", "data.random_flip"]),
     ({"memory.cache_latents": True, "data.center_crop": False}, ["memory.cache_latents", "data.center_crop"]),
@@ -171,6 +176,8 @@ def test_validate_fixes_pass():
     """Each inconsistency above has a consistent counterpart that validates."""
     valid(**{"prior.enabled": True, "concept.class_prompt": "a photo of a dog"}).validate()
     valid(**{"text_encoder.train": True, "text_encoder.stop_step": 10, "text_encoder.lr": 1e-6}).validate()
+    assert valid(**{"text_encoder.train": True, "text_encoder.scope": "identifier"}).validate().text_encoder.resolved_identifier_lr == 3e-3
+    assert valid(**{"text_encoder.train": True}).validate().text_encoder.resolved_identifier_lr is None  # the blog's: one rate
     valid(**{"data.random_flip": True}).validate()  # caching left at its default (off when augmenting)
     valid(**{"validation.every_n_steps": 50, "validation.prompts": ["a"]}).validate()
     valid(**{"data.resolution": 504}).validate()

@@ -1,5 +1,6 @@
 """Every training option runs through the real recipe on the tiny model and gives finite, learning losses."""
 
+import dataclasses
 import math
 import re
 
@@ -91,6 +92,79 @@ def test_text_encoder_stop_step_freezes_it(tiny_sd_dir, photos, tmp_path):
     unet_before = load_file(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
     unet_after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+
+
+def test_text_encoder_scope_identifier_trains_only_the_identifier_embedding(tiny_sd_dir, photos, tmp_path):
+    """scope=identifier: the identifier's embedding row moves, and every other weight of the encoder (every
+    other row too, with weight decay on) stays the base's; the UNet trains as usual. Also across a resume."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    out = tmp_path / "o"
+    cfg = make_cfg(tiny_sd_dir, photos, out, train={"max_steps": 2}, optim={"weight_decay": 0.1},
+                   text_encoder={"scope": "identifier"}, checkpoint={"every_n_steps": 1})
+    assert cfg.text_encoder.resolved_identifier_lr == 3e-3  # textual inversion's rate, not optim.lr
+    train(cfg)
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=3, resume=True)))  # from step 2
+    rows = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")("sks", add_special_tokens=False).input_ids
+    before = load_file(tiny_sd_dir / "text_encoder" / "model.safetensors")
+    after = load_file(out / "text_encoder" / "model.safetensors")
+    (key,) = [k for k in before if k.endswith("token_embedding.weight")]  # transformers' saved prefix varies
+    changed = (before[key] != after[key]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(set(rows))  # the identifier's pieces (the tiny tokenizer splits "sks"), and only those
+    assert all(torch.equal(before[k], after[k]) for k in before if k != key)
+    unet_before = load_file(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+
+
+def test_identifier_lr_gives_the_identifier_its_own_rate_beside_the_encoder_weights(tiny_sd_dir, photos, tmp_path):
+    """scope=all with identifier_lr: the encoder's layers train at text_encoder.lr, the identifier's embedding rows in
+    a group of their own (no weight decay), and the rest of the token-embedding table stays the base's."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from dreambooth.models.load import load_components
+    from dreambooth.models.trainable import setup_trainable
+
+    out = tmp_path / "o"
+    cfg = make_cfg(tiny_sd_dir, photos, out, train={"max_steps": 2}, optim={"weight_decay": 0.1},
+                   text_encoder={"lr": 1e-4, "identifier_lr": 5e-3})
+    comps = load_components(cfg.model.path)
+    trainable = setup_trainable(comps, "full", cfg.lora, cfg.text_encoders(), identifiers=("sks",))
+    groups = trainable.param_groups(1e-3, cfg.text_encoders())
+    assert [(g["lr"], g.get("weight_decay"), len(g["params"])) for g in groups[1:]] == [
+        (1e-4, None, len(trainable.params["text_encoder"]) - 1), (5e-3, 0.0, 1)]
+    train(cfg)
+    rows = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")("sks", add_special_tokens=False).input_ids
+    before = load_file(tiny_sd_dir / "text_encoder" / "model.safetensors")
+    after = load_file(out / "text_encoder" / "model.safetensors")
+    (key,) = [k for k in before if k.endswith("token_embedding.weight")]
+    assert (before[key] != after[key]).any(dim=1).nonzero().flatten().tolist() == sorted(set(rows))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k != key)  # the layers trained too
+
+
+def test_object_preset_trains_the_identifier_with_the_base_as_prior(tiny_sd_dir, photos, tmp_path):
+    from dreambooth.config import build_config
+
+    layer = {"preset": "object", "model": {"path": str(tiny_sd_dir)}, "data": {"resolution": 32, "min_size": 16},
+             "concept": {"instance_dir": str(photos), "instance_prompt": "a photo of sks dog"},
+             "train": {"max_steps": 2, "output_dir": str(tmp_path / "o")}}
+    with pytest.raises(DreamBoothError, match="class_prompt"):  # the base as prior needs the class named
+        build_config(layer).validate()
+    cfg = build_config(layer, {"concept": {"class_prompt": "a photo of a dog"}})
+    assert (cfg.text_encoder.scope, cfg.prior.source, cfg.optim.lr) == ("identifier", "model", 2e-6)
+    result = train(cfg)
+    assert result.steps == 2 and not (tmp_path / "o" / "class_images").exists()
+
+
+def test_text_encoder_scope_identifier_is_refused_where_it_cannot_work(tiny_sd_dir, photos, tmp_path):
+    with pytest.raises(DreamBoothError, match="scope=identifier and text_encoder.identifier_lr need train.method=full"):
+        make_cfg(tiny_sd_dir, photos, tmp_path, train={"method": "lora"}, text_encoder={"scope": "identifier"}).validate()
+    with pytest.raises(DreamBoothError, match="names none"):
+        make_cfg(tiny_sd_dir, photos, tmp_path, concept={"instance_prompt": "dog"}, text_encoder={"scope": "identifier"}).validate()
+    with pytest.raises(DreamBoothError, match="text_encoder.train is false"):
+        make_cfg(tiny_sd_dir, photos, tmp_path, text_encoder={"train": False, "scope": "identifier"}).validate()
 
 
 def test_partial_gradient_checkpointing_marks_high_resolution_blocks_and_trains_the_same(tiny_sd_dir, photos, tmp_path):

@@ -152,8 +152,31 @@ class LoRAConfig:
 @dataclass
 class TextEncoderConfig:
     train: bool = _f(False, "Also train this text encoder (the blog: better results, especially for faces; more memory).")
-    lr: Optional[float] = _f(None, "Learning rate for this text encoder. Default: optim.lr.")
+    scope: Literal["all", "identifier"] = _f(
+        "all", "What of this text encoder trains (with train=true). all: its weights (the blog's text-encoder "
+        "training). identifier: only the input embeddings of the concepts' identifier tokens (textual inversion of "
+        "the identifier, trained beside the denoiser, as in pivotal tuning): every prompt without the identifier "
+        "encodes exactly as in the base, so the encoder forgets nothing. Full fine-tune only.")
+    lr: Optional[float] = _f(None, "Learning rate for this text encoder's weights (scope=all). Default: optim.lr.")
+    identifier_lr: Optional[float] = _f(
+        None, "Learning rate of the identifier's token embeddings, in an optimizer group of their own (no weight "
+        "decay); every other row of the token-embedding table then stays the base's. Embeddings learn at textual "
+        "inversion's rates, far above a weight's: at the weights' rate the identifier may never come apart from the "
+        "class noun ('sks toy' and 'a toy' giving the same images). Default: 3e-3 with scope=identifier; with "
+        "scope=all unset, so the whole table trains with the weights at lr (set it, e.g. 3e-3, to give the "
+        "identifier its own rate). Full fine-tune only.")
     stop_step: Optional[int] = _f(None, "Freeze this text encoder from this optimizer step on (it overfits sooner than the UNet).")
+
+    @property
+    def resolved_identifier_lr(self) -> Optional[float]:
+        """The identifier embeddings' own learning rate; None: they train with the rest of the encoder (or not at all)."""
+        if not self.train:
+            return None
+        return self.identifier_lr if self.identifier_lr is not None else (IDENTIFIER_EMBEDDING_LR if self.scope == "identifier" else None)
+
+
+# textual inversion's range (diffusers' example: 5e-4 x batch scaling; kohya 1e-3..5e-3); measured in the miniature world
+IDENTIFIER_EMBEDDING_LR = 3e-3
 
 
 # Config sections that train text encoders, named after the model's module (SDXL has both).
@@ -394,8 +417,23 @@ class TrainConfig:
         if self.optim.lr <= 0:
             raise DreamBoothError(f"optim.lr must be positive, got {self.optim.lr}")
         for name, te in self.text_encoders().items():
-            if not te.train and (te.stop_step is not None or te.lr is not None):
-                raise DreamBoothError(f"{name}.lr/stop_step are set but {name}.train is false: set {name}.train=true")
+            if not te.train and (te.stop_step is not None or te.lr is not None or te.scope != "all" or te.identifier_lr is not None):
+                raise DreamBoothError(f"{name}.lr/identifier_lr/stop_step/scope are set but {name}.train is false: "
+                                      f"set {name}.train=true")
+            if te.scope == "identifier" and te.lr is not None:
+                raise DreamBoothError(f"{name}.lr is the rate of the encoder's weights, which {name}.scope=identifier "
+                                      f"leaves frozen: set {name}.identifier_lr instead")
+            if te.resolved_identifier_lr is not None:
+                if te.resolved_identifier_lr <= 0:
+                    raise DreamBoothError(f"{name}.identifier_lr must be positive, got {te.resolved_identifier_lr}")
+                if self.train.method != "full":
+                    raise DreamBoothError(f"{name}.scope=identifier and {name}.identifier_lr need train.method=full: a LoRA "
+                                          f"output has no place for the trained embedding yet; leave them unset (LoRA "
+                                          f"adapters on the text encoder)")
+                missing = [c.instance_prompt for c in self.resolved_concepts() if not c.resolved_identifier]
+                if missing:
+                    raise DreamBoothError(f"{name}.scope=identifier / identifier_lr train the identifier's embedding, but "
+                                          f"the instance prompt {missing[0]!r} names none: set concept.identifier (e.g. sks)")
             if te.train and self.memory.cache_text_embeddings:
                 raise DreamBoothError(f"memory.cache_text_embeddings=true cannot be used with {name}.train=true "
                                       "(the embeddings change every step)")

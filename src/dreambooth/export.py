@@ -117,7 +117,10 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         f"- steps: {result.steps} at batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation, "
         f"resolution {cfg.data.resolution}",
         f"- optimizer: {cfg.optim.optimizer}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scheduler}, {cfg.optim.warmup_steps} warmup)",
-        "- text encoders trained: " + (", ".join(f"{name} (lr {te.lr or cfg.optim.lr:g}"
+        "- text encoders trained: " + (", ".join(f"{name} (" + (f"the identifier embedding only, lr {te.resolved_identifier_lr:g}"
+                                                  if te.scope == "identifier" else f"lr {te.lr or cfg.optim.lr:g}" + (
+                                                      f", the identifier embedding at {te.resolved_identifier_lr:g}"
+                                                      if te.resolved_identifier_lr else ""))
                                                   + (f", until step {te.stop_step})" if te.stop_step is not None else ")")
                                                   for name, te in cfg.text_encoders().items() if te.train) or "none"),
         f"- prior preservation: {cfg.prior.enabled}" + (_prior_note(cfg) if cfg.prior.enabled else ""),

@@ -145,7 +145,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # the frozen base for distilled targets, taken before anything trains (LoRA: the same modules, adapters off)
     base = (FrozenBase(comps, trained_module_names(comps, text_encoders), cfg.train.method == "lora")
             if cfg.distills else None)
-    trainable = setup_trainable(comps, cfg.train.method, cfg.lora, text_encoders, cfg.memory.weights_dtype)
+    trainable = setup_trainable(comps, cfg.train.method, cfg.lora, text_encoders, cfg.memory.weights_dtype,
+                                identifiers=tuple(c.resolved_identifier for c in concepts))
     apply_memory_options(comps, cfg.memory, trainable.modules)
     optimizer = build_optimizer(trainable.param_groups(cfg.optim.lr, text_encoders), cfg.optim,
                                 cfg.memory.weights_dtype)  # with optim.fused_backward it steps inside backward()

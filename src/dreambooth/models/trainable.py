@@ -10,11 +10,12 @@ text encoder trains under its own config section (text_encoder, text_encoder_2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..config import LoRAConfig, TextEncoderConfig
+from ..errors import DreamBoothError
 from .family import Components
 
 
@@ -23,6 +24,8 @@ class Trainable:
     """Parameters the optimizer updates, by module (denoiser first), with stable names for checkpoints."""
 
     params: dict[str, dict[str, torch.nn.Parameter]]  # module name -> parameter name -> parameter
+    # module -> name of its token-embedding table when only the identifier's rows of it train, in a group of their own
+    identifier_embeddings: dict[str, str] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -36,9 +39,18 @@ class Trainable:
         return sum(p.numel() for p in self.named().values())
 
     def param_groups(self, lr: float, text_encoders: dict[str, TextEncoderConfig]) -> list[dict]:
-        """One optimizer group per trained module; a text encoder's own lr wins over the denoiser's."""
-        lrs = {name: (te.lr or lr) for name, te in text_encoders.items()}
-        return [{"params": list(self.params[name].values()), "lr": lrs.get(name, lr)} for name in self.modules]
+        """One optimizer group per trained module; a text encoder's own lr wins over the denoiser's. Identifier
+        embeddings get a group of their own at their rate, without weight decay: decoupled decay would shrink
+        every row of the table, trained or not."""
+        groups = []
+        for name in self.modules:
+            te, table = text_encoders.get(name), self.identifier_embeddings.get(name)
+            weights = [p for k, p in self.params[name].items() if k != table]
+            if weights:
+                groups.append({"params": weights, "lr": (te.lr if te is not None else None) or lr})
+            if table is not None:
+                groups.append({"params": [self.params[name][table]], "lr": te.resolved_identifier_lr, "weight_decay": 0.0})
+        return groups
 
     def freeze(self, module: str) -> None:
         """Stop training `module` (a text encoder's stop_step): no grads, so the optimizer skips it."""
@@ -60,8 +72,23 @@ def _lora_config(lora: LoRAConfig, targets: list[str], dora: bool = False):
                       init_lora_weights="gaussian", target_modules=list(targets))
 
 
+def identifier_token_ids(comps: Components, encoder: str, identifiers: list[str]) -> list[int]:
+    """The token ids the identifiers split into in `encoder`'s tokenizer (diffusers names them in pairs:
+    text_encoder/tokenizer, text_encoder_2/tokenizer_2)."""
+    tokenizer = comps.tokenizers[encoder.replace("text_encoder", "tokenizer")]
+    return sorted({i for word in identifiers for i in tokenizer(word, add_special_tokens=False).input_ids})
+
+
+def _train_rows(embedding: torch.nn.Parameter, rows: list[int]) -> None:
+    """Let only `rows` of an embedding table learn: the gradient of every other row is zeroed before the
+    optimizer sees it (Adam then leaves those rows exactly as they are)."""
+    mask = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype)
+    mask[rows] = 1
+    embedding.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+
+
 def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encoders: dict[str, TextEncoderConfig],
-                    weights_dtype: str = "fp32") -> Trainable:
+                    weights_dtype: str = "fp32", identifiers: tuple[str, ...] = ()) -> Trainable:
     """Unfreeze (full) or add adapters to (lora) the denoiser and every text encoder whose section trains.
 
     Trainable weights are kept in fp32 even under mixed precision: fp16/bf16 cannot represent
@@ -82,10 +109,22 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
             # DoRA on the denoiser only: a text encoder's DoRA magnitudes do not load back through
             # diffusers/transformers (measured: saved as `...lora_magnitude_vector`, expected with `.weight`)
             module.add_adapter(_lora_config(lora, targets or comps.family.lora_targets[name], dora=lora.use_dora and denoiser))
+        elif name in text_encoders and text_encoders[name].scope == "identifier":
+            module.get_input_embeddings().weight.requires_grad_(True)  # textual inversion: the rest stays the base's
         else:
             module.requires_grad_(True)
     params = {name: {n: p for n, p in comps.modules[name].named_parameters() if p.requires_grad} for name in trained}
     for group in params.values():
         for p in group.values():
             p.data = p.data.to(dtype)
-    return Trainable(params)
+    tables = {}
+    for name, te in text_encoders.items():
+        if name in trained and te.resolved_identifier_lr is not None and method == "full":
+            rows = identifier_token_ids(comps, name, list(identifiers))
+            if not rows:
+                raise DreamBoothError(f"{name}: the identifier(s) {', '.join(identifiers) or '(none)'} give no token in "
+                                      f"its tokenizer; set concept.identifier")
+            embedding = comps.modules[name].get_input_embeddings().weight
+            _train_rows(embedding, rows)
+            tables[name] = next(k for k, p in params[name].items() if p is embedding)
+    return Trainable(params, tables)

@@ -188,12 +188,13 @@ def test_committed_if_base_is_an_ordinary_if_stage_one_folder():
 
 
 def test_dreambooth_train_fine_tunes_the_committed_if_base(tmp_path):
-    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
     from dreambooth.train import train
 
     world.write_instance_images("split_moon", tmp_path / "instance_images")
     cfg = demo_config(tmp_path, "split_moon", ASSETS / "base-if",
-                      {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2, "prior.num_inference_steps": 2})
+                      {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2, "prior.num_inference_steps": 2},
+                      recipe=PAPER_SETTINGS)
     result = train(cfg)
     assert result.steps == 2 and all(v == v for v in result.losses.values())
     assert (tmp_path / "model" / "model_index.json").is_file()
@@ -221,12 +222,12 @@ def test_committed_classifier_recognises_every_subject_and_world_images():
 
 
 def test_dreambooth_train_fine_tunes_the_committed_base(tmp_path):
-    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
     from dreambooth.train import train
 
     world.write_instance_images("banded_heart", tmp_path / "instance_images")
     cfg = demo_config(tmp_path, "banded_heart", ASSETS / "base",
-                      {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2})
+                      {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2}, recipe=PAPER_SETTINGS)
     result = train(cfg)
     assert result.steps == 2 and all(v == v for v in result.losses.values())
     assert (tmp_path / "model" / "model_index.json").is_file()
@@ -243,3 +244,24 @@ def test_evaluation_samples_each_base_with_its_sampler(tmp_path):
         assert (default_settings(BASES[family]).scheduler, default_settings(BASES[family]).num_inference_steps) == ("ddim", 25)
     (tmp_path / "config.yaml").write_text(f"model:\n  path: {BASES['if']}\n")
     assert default_settings(tmp_path, n=4, seed=3).scheduler == "ddpm" and default_settings(tmp_path, n=4, seed=3).n == 4
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "if"])
+def test_the_demo_default_trains_every_family(tmp_path, family):
+    """`dreambooth demo --family F`'s recipe runs on each miniature base: the bar's default for SD and SDXL (the
+    identifier's embedding in every text encoder, the class prompt from the frozen base, knowledge preservation on
+    world captions), the paper's for IF."""
+    from dreambooth.miniworld.demo import demo_config, family_overrides
+    from dreambooth.miniworld.evaluate import BASES
+    from dreambooth.train import train
+
+    world.write_instance_images("banded_heart", tmp_path / "instance_images")
+    overrides = {**family_overrides(family), "train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2,
+                 "prior.num_inference_steps": 2}
+    cfg = demo_config(tmp_path, "banded_heart", BASES[family], overrides)
+    default = family != "if"  # the IF demo keeps the paper's recipe (demo.PAPER_FOR_IF)
+    assert (cfg.prior.source == "model" and cfg.prior.preserve_weight > 0) == default
+    assert all((te.scope == "identifier") == default for te in cfg.text_encoders().values() if te.train)
+    result = train(cfg)
+    assert result.steps == 2 and all(v == v for v in result.losses.values())
+    assert (tmp_path / "class_images").exists() == (not default)  # the base as the prior makes no class images

@@ -86,7 +86,7 @@ def test_aspect_ratio_runs_and_their_table():
 
 def test_bar_runs_meets_and_worst_case_table():
     """The acceptance bar: a run per (subject, seed), the targets each run misses, the mean and the worst case."""
-    runs = experiments.bar_runs("demo")
+    runs = experiments.bar_runs("paper")
     assert len(runs) == len(world.SUBJECTS) * len(experiments.BAR_SEEDS)
     assert {(r.subject, r.overrides["train.seed"]) for r in runs} == {(s, k) for s in world.SUBJECTS for k in experiments.BAR_SEEDS}
     assert len({r.key for r in runs}) == len(runs) and all(r.steps == (experiments.BAR_STEPS,) for r in runs)
@@ -104,26 +104,53 @@ def test_bar_runs_meets_and_worst_case_table():
     assert experiments.meets(metrics(0.89, 0.85, 0.11, 0.93), base) == ["subject", "drift", "following"]
     results = {"base": {"0|ddim|25": base}, **{r.key: {"800|ddim|25": good} for r in runs}}
     results[runs[0].key]["800|ddim|25"] = metrics(0.5, 0.25, 0.5, 0.5)
-    table = experiments.render_bar(results, ["demo"])
+    table = experiments.render_bar(results, ["paper"])
     assert f"| {runs[0].subject} | 0 | subject, prompt, drift, following | 0.50 | 0.25 | 0.50 |" in table
     assert f"| {runs[1].subject} | 1 | meets | 0.95 |" in table
     assert f"| mean |  | {len(runs) - 1}/{len(runs)} meet |" in table
     assert "| worst |  |  | 0.50 | 0.25 | 0.50 | 1.00 / 1.00 | 0.50 |" in table
     del results[runs[3].key]  # an incomplete candidate has no mean or worst row
-    assert "| worst |  |  | (not run) |" in experiments.render_bar(results, ["demo"])
+    assert "| worst |  |  | (not run) |" in experiments.render_bar(results, ["paper"])
 
 
 def test_every_bar_candidate_builds_a_valid_config(tmp_path):
     """Each candidate's settings pass the trainer's checks (prior.source=model gets no class folder), and the
     knowledge-preservation prompts leave out every prompt the prompt-following measurement asks for."""
-    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
     from dreambooth.miniworld.evaluate import EvalSettings, attribute_combinations
 
     for name, overrides in experiments.BAR_CANDIDATES.items():
-        cfg = demo_config(tmp_path / name, overrides=overrides).validate()
+        cfg = demo_config(tmp_path / name, overrides=overrides, recipe=PAPER_SETTINGS).validate()
         assert (cfg.concept.class_dir is None) == (cfg.prior.source == "model"), name
     asked = {world.describe(*c) for c in attribute_combinations(EvalSettings().attribute_prompts, EvalSettings().seed)}
     prompts = experiments.preserve_prompts()
     assert len(prompts) == len(world.world_combinations()) - len(asked) and not asked & set(prompts)
     table = experiments.render_bar({"base": {"0|ddim|25": {"prompt_following": {"all": 1.0}}}}, ["model-prior+kp"])
     assert f"prior.preserve_prompts=[{len(prompts)} prompts]" in table
+
+
+def test_the_demo_default_is_the_measured_candidate(tmp_path):
+    """The demo trains what the bar measured: the paper's recipe plus the default candidate's changes."""
+    from dreambooth.miniworld import demo
+
+    assert experiments.BAR_CANDIDATES[experiments.DEFAULT_CANDIDATE] == demo.DEFAULT_CHANGES
+    assert demo.DEMO_SETTINGS == {**demo.PAPER_SETTINGS, **demo.DEFAULT_CHANGES}
+    cfg = demo.demo_config(tmp_path, overrides=demo.NO_PRIOR).validate()  # `dreambooth demo --no-prior`
+    assert not cfg.prior.enabled and not cfg.prior.distills and cfg.text_encoder.scope == "identifier"
+
+
+def test_checkpoint_selection_is_scored_apart_from_the_evaluation():
+    """train.select=best never sees the images or attribute prompts the evaluation grades, and the knowledge-
+    preservation prompts of a selecting candidate leave out the selection's prompts as well as the evaluation's."""
+    from dreambooth.miniworld.demo import preserve_prompts
+    from dreambooth.miniworld.evaluate import SELECTION_SETTINGS, EvalSettings, attribute_combinations
+    from dreambooth.miniworld.selection import SETTINGS
+
+    ev, sel = EvalSettings(), SELECTION_SETTINGS
+    assert SETTINGS == sel
+    assert set(range(sel.seed, sel.seed + sel.n)).isdisjoint(range(ev.seed, ev.seed + ev.n))
+    asked = {world.describe(*c) for c in attribute_combinations(ev.attribute_prompts, ev.seed)}
+    scored = {world.describe(*c) for c in attribute_combinations(sel.attribute_prompts, sel.seed)}
+    assert scored.isdisjoint(asked) and len(scored) == sel.attribute_prompts
+    kept = set(preserve_prompts(leave_out_selection=True))
+    assert kept.isdisjoint(asked | scored) and len(kept) == len(world.world_combinations()) - len(asked | scored)

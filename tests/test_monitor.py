@@ -70,13 +70,13 @@ def test_drift_grows_without_prior_preservation_at_a_high_lr(tmp_path):
     of a toy" images far worse (measured: drift +0.12 on a base probe loss of 0.05); at 1e-5 the same
     10 steps leave it where it was (-0.001)."""
     from dreambooth.miniworld import world
-    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
 
     def drift_after(lr, folder):
         world.write_instance_images("banded_heart", folder / "instance_images")
         train(demo_config(folder, overrides={"prior.enabled": False, "optim.lr": lr, "train.max_steps": 10,
                                              "monitor.every_n_steps": 5, "monitor.probe_size": 4,
-                                             "prior.num_inference_steps": 10, "export.verify": False}))
+                                             "prior.num_inference_steps": 10, "export.verify": False}, recipe=PAPER_SETTINGS))
         lines = [m for m in _metrics(folder / "model") if "drift" in m]
         assert [m["step"] for m in lines] == [0, 5, 10] and lines[0]["drift"] == 0.0
         return lines
@@ -115,7 +115,7 @@ def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
     the subject is learned, so the best is an early checkpoint, not the last. A copy: outside the
     bundled folder the run is not "in the miniature world", so the probe scores, not the classifier."""
     from dreambooth.miniworld import world
-    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
     from dreambooth.miniworld.evaluate import DEFAULT_BASE
 
     base = shutil.copytree(DEFAULT_BASE, tmp_path / "base", symlinks=True)
@@ -123,7 +123,7 @@ def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
     result = train(demo_config(tmp_path, base_dir=base, overrides={
         "prior.enabled": False, "optim.lr": 3e-4, "train.max_steps": 10, "train.select": "best",
         "checkpoint.every_n_steps": 2, "checkpoint.keep": 1, "monitor.every_n_steps": 2, "monitor.probe_size": 4,
-        "monitor.fit_ratio": 0.9, "prior.num_inference_steps": 10, "export.verify": False}))
+        "monitor.fit_ratio": 0.9, "prior.num_inference_steps": 10, "export.verify": False}, recipe=PAPER_SETTINGS))
     out = tmp_path / "model"
     lines = {m["step"]: m for m in _metrics(out) if "drift" in m and m["step"] > 0}
     candidates = {s: m["drift"] for s, m in lines.items() if m["subject_fit"] <= 0.9}
@@ -144,13 +144,13 @@ def test_select_best_in_the_miniature_world_scores_with_the_classifier(tmp_path)
     """On the bundled base with a held-out subject's photos, each checkpoint is rendered and scored against
     the acceptance bar (targets missed + shortfall); the lowest score is exported."""
     from dreambooth.miniworld import world
-    from dreambooth.miniworld.demo import demo_config
+    from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
 
     world.write_instance_images("banded_heart", tmp_path / "instance_images")
     result = train(demo_config(tmp_path, overrides={
         "prior.enabled": False, "optim.lr": 3e-4, "train.max_steps": 10, "train.select": "best",
         "checkpoint.every_n_steps": 5, "checkpoint.keep": 5, "monitor.every_n_steps": 5, "monitor.probe_size": 2,
-        "prior.num_inference_steps": 10, "export.verify": False}))
+        "prior.num_inference_steps": 10, "export.verify": False}, recipe=PAPER_SETTINGS))
     out = tmp_path / "model"
     states = {int(p.name[5:]): json.loads((p / "state.json").read_text())["metrics"]
               for p in ckpt.checkpoints_root(out).glob("step-*")}

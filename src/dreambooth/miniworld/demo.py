@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import world
-from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings, default_settings, evaluate, format_table
+from .evaluate import (DEFAULT_BASE, DEFAULT_CLASSIFIER, SELECTION_SETTINGS, EvalSettings, attribute_combinations,
+                       default_settings, evaluate, format_table)
 
-# The recipe that worked in the feasibility study: full fine-tune at lr 1e-4, batch 1 + 1 class
-# image, prior preservation (100 class images, weight 1), text encoder trained, 800 steps.
-DEMO_SETTINGS: dict[str, Any] = {
+# The paper's recipe, as the feasibility study ran it: full fine-tune at lr 1e-4, batch 1 + 1 class
+# image, prior preservation (100 class images, weight 1), text encoder trained, 800 steps. The
+# experiments' tables (experiments.py) are measured against it.
+PAPER_SETTINGS: dict[str, Any] = {
     "data.resolution": world.SIZE,
     "optim.lr": 1e-4,
     "train.max_steps": 800,
@@ -37,13 +39,72 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
+def preserve_prompts(leave_out_selection: bool = False) -> list[str]:
+    """Knowledge-preservation prompts for the miniature world: the (shape, colour, background) captions of
+    pretraining that the prompt-following measurement never asks for (144 of 168), so it stays held out;
+    `leave_out_selection`: nor the ones train.select=best scores checkpoints on (SELECTION_SETTINGS), so that
+    the choice is made on prompts the model was not trained to keep either."""
+    asked = set(attribute_combinations(EvalSettings().attribute_prompts, EvalSettings().seed))
+    if leave_out_selection:
+        asked |= set(attribute_combinations(SELECTION_SETTINGS.attribute_prompts, SELECTION_SETTINGS.seed))
+    return [world.describe(*combo) for combo in world.world_combinations() if combo not in asked]
+
+
+# The default: what the acceptance bar (experiments.TARGETS, every held-out subject x 3 training seeds;
+# README "The acceptance bar") kept of the paper's recipe and what it changed. It meets every target on 7 of
+# the 12 runs (the paper's recipe: 0), and its worst run misses by less (README has each table).
+# - The text encoder learns only the identifier's embedding (text_encoder.scope=identifier, at 3e-3). With
+#   the whole encoder trained, a subject failed to bind to "sks" in some seeds ("sks toy" and "a toy" gave
+#   the same half-learned images) and re-contextualisation collapsed in others; the embedding at textual
+#   inversion's rate separated the identifier in every run measured, and every other prompt encodes as before.
+# - The class prompt's target is the frozen base's own prediction (prior.source=model), and a light
+#   knowledge-preservation term (weight 0.3) distils the base on world captions the measurement never asks.
+# - 600 steps, not 800: later the denoiser draws the subject for more prompts near it (a red cross on a white
+#   background, for the red-and-yellow banded heart photographed on white); 800 steps met the bar on 6 runs,
+#   600 on 7.
+DEFAULT_CHANGES: dict[str, Any] = {
+    "prior.source": "model",
+    "prior.preserve_prompts": preserve_prompts(),
+    "prior.preserve_weight": 0.3,
+    "text_encoder.scope": "identifier",
+    "train.max_steps": 600,
+}
+DEMO_SETTINGS: dict[str, Any] = {**PAPER_SETTINGS, **DEFAULT_CHANGES}
+# `dreambooth demo --no-prior`: no preservation of any kind (class prompt or general knowledge)
+NO_PRIOR: dict[str, Any] = {"prior.enabled": False, "prior.source": "images", "prior.preserve_weight": 0.0, "prior.preserve_prompts": []}
+
+
+# The bar chose the default on the SD base only. On the weak IF base (README, "The miniature DeepFloyd IF base")
+# it did worse than the paper's recipe (banded_heart, one seed: subject / prompt fidelity / drift / following
+# 0.31 / 0.03 / 0.22 / 0.01 against 0.69 / 0.22 / 0.00 / 0.04), plausibly because the base's own 4-step samples,
+# which the model prior distils on, are noise on this base (it needs DDPM 100), so the IF demo keeps the paper's.
+PAPER_FOR_IF: dict[str, Any] = {"prior.source": "images", "prior.preserve_weight": 0.0, "prior.preserve_prompts": [],
+                                "text_encoder.scope": "all", "train.max_steps": PAPER_SETTINGS["train.max_steps"]}
+
+
+def family_overrides(family: str = "sd", no_prior: bool = False) -> dict[str, Any]:
+    """What `dreambooth demo --family F [--no-prior]` changes in the recipe for that family's miniature base."""
+    overrides: dict[str, Any] = {}
+    if family == "sdxl":  # every text encoder the base has trains the same way; twice the steps, as the SDXL base
+        # needs them (banded_heart, one seed: the default at 600 steps 0.53 / 0.33 / 0.06 / 1.00, at 1200 steps
+        # 1.00 / 0.98 / 0.00 / 1.00, meeting the bar; the paper's recipe at 1600: following 0.79)
+        overrides.update({"text_encoder_2.train": True, "text_encoder_2.scope": DEMO_SETTINGS["text_encoder.scope"],
+                          "train.max_steps": 2 * DEMO_SETTINGS["train.max_steps"]})
+    if family == "if":  # class images from IF's own sampler: DDIM 25 leaves visible noise
+        overrides.update({**PAPER_FOR_IF, "prior.scheduler": "ddpm", "prior.num_inference_steps": 100})
+    if no_prior:
+        overrides.update(NO_PRIOR)
+    return overrides
+
+
 def demo_config(output_dir: str | Path, subject: str = "banded_heart", base_dir: str | Path = DEFAULT_BASE,
-                overrides: Optional[dict[str, Any]] = None):
-    """The TrainConfig the demo trains with; `overrides` are dotted keys (e.g. {"prior.enabled": False})."""
+                overrides: Optional[dict[str, Any]] = None, recipe: Optional[dict[str, Any]] = None):
+    """The TrainConfig the demo trains with: `recipe` (default DEMO_SETTINGS; the experiments use
+    PAPER_SETTINGS) plus `overrides`, both dotted keys (e.g. {"prior.enabled": False})."""
     from ..config import build_config, dotted_to_nested
 
     output_dir = Path(output_dir)
-    settings = {**DEMO_SETTINGS, **(overrides or {})}
+    settings = {**(DEMO_SETTINGS if recipe is None else recipe), **(overrides or {})}
     settings.update({
         "model.path": str(base_dir),
         "concept.instance_dir": str(output_dir / "instance_images"),
@@ -80,14 +141,15 @@ def before_after_grid(base_dir: str | Path, model_dir: str | Path, subject: str,
 
 def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "banded_heart", base_dir: str | Path = DEFAULT_BASE,
          overrides: Optional[dict[str, Any]] = None, n_eval: int = 32, seed: int = 0, verbose: bool = True,
-         classifier_dir: str | Path = DEFAULT_CLASSIFIER) -> dict:
-    """Train `subject` into the base, write grid.png and evaluation.json under `output_dir`, return the evaluation."""
+         classifier_dir: str | Path = DEFAULT_CLASSIFIER, recipe: Optional[dict[str, Any]] = None) -> dict:
+    """Train `subject` into the base, write grid.png and evaluation.json under `output_dir`, return the evaluation
+    (`recipe`: default DEMO_SETTINGS; PAPER_SETTINGS for the paper's)."""
     from ..train import train
 
     t0 = time.time()
     output_dir = Path(output_dir)
     world.write_instance_images(subject, output_dir / "instance_images")
-    cfg = demo_config(output_dir, subject, base_dir, overrides)
+    cfg = demo_config(output_dir, subject, base_dir, overrides, recipe)
     result = train(cfg)
     train_seconds = time.time() - t0
     model_dir = Path(cfg.train.output_dir)
@@ -99,7 +161,11 @@ def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "band
                        "total_seconds": round(time.time() - t0, 1)})
     (output_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     if verbose:
+        from .experiments import bar_line
+
         print(format_table(evaluation))
+        if "base" in evaluation:
+            print(bar_line(evaluation["model"], evaluation["base"]))
         print(f"trained {result.steps} steps in {train_seconds:.0f} s; grid: {output_dir / 'grid.png'} "
               f"(rows: {' | '.join(prompts)}; left base, right fine-tuned)")
     return evaluation

@@ -3,8 +3,9 @@
 When a run trains one of the bundled miniature bases on a held-out subject's photos (as
 `world.write_instance_images` names them, `<subject>_NN.png`) and the classifier is installed, the
 drift probe is not the best judge we have: `evaluate.measure` is. Each checkpoint is then rendered
-with a small `n` (8 images per prompt, one per attribute prompt: a few seconds at 32 px) and scored
-against the acceptance bar's targets (`experiments.TARGETS`):
+with a small `n` (8 images per prompt, one per attribute prompt: a few seconds at 32 px; seeds and
+attribute prompts apart from the evaluation's, `evaluate.SELECTION_SETTINGS`) and scored against the
+acceptance bar's targets (`experiments.TARGETS`):
 
     score = number of targets missed + 0.99 * mean shortfall over the four targets (0..1)
 
@@ -23,10 +24,10 @@ import torch
 
 from ..data.images import list_images
 from . import world
-from .evaluate import BASES, DEFAULT_CLASSIFIER, EvalSettings, measure
+from .evaluate import BASES, DEFAULT_CLASSIFIER, SELECTION_SETTINGS, EvalSettings, measure
 from .experiments import TARGETS, meets
 
-SETTINGS = EvalSettings(n=8, attribute_images=1)
+SETTINGS = SELECTION_SETTINGS
 
 
 def subject_of(instance_dir: str | Path) -> Optional[str]:

@@ -101,6 +101,8 @@ def test_bar_runs_meets_and_worst_case_table():
 
     good = metrics(0.95, 0.85, 0.05, 0.95)
     assert experiments.meets(good, base) == []
+    assert experiments.bar_line(good, base).endswith("following 0.95 against the base's 0.99 (>= 0.94): meets every target")
+    assert experiments.bar_line(metrics(0.5, 0.85, 0.05, 0.9), base).endswith("misses subject, following")
     assert experiments.meets(metrics(0.89, 0.85, 0.11, 0.93), base) == ["subject", "drift", "following"]
     results = {"base": {"0|ddim|25": base}, **{r.key: {"800|ddim|25": good} for r in runs}}
     results[runs[0].key]["800|ddim|25"] = metrics(0.5, 0.25, 0.5, 0.5)

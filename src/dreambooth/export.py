@@ -117,11 +117,7 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         f"- steps: {result.steps} at batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation, "
         f"resolution {cfg.data.resolution}",
         f"- optimizer: {cfg.optim.optimizer}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scheduler}, {cfg.optim.warmup_steps} warmup)",
-        "- text encoders trained: " + (", ".join(f"{name} (" + (f"the identifier embedding only, lr {te.resolved_identifier_lr:g}"
-                                                  if te.scope == "identifier" else f"lr {te.lr or cfg.optim.lr:g}" + (
-                                                      f", the identifier embedding at {te.resolved_identifier_lr:g}"
-                                                      if te.resolved_identifier_lr else ""))
-                                                  + (f", until step {te.stop_step})" if te.stop_step is not None else ")")
+        "- text encoders trained: " + (", ".join(_text_encoder_note(name, te, cfg.optim.lr)
                                                   for name, te in cfg.text_encoders().items() if te.train) or "none"),
         f"- prior preservation: {cfg.prior.enabled}" + (_prior_note(cfg) if cfg.prior.enabled else ""),
         *([f"- knowledge preservation: weight {cfg.prior.preserve_weight:g} on {len(cfg.preservation_prompts())} prompts "
@@ -149,6 +145,17 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
                   f"{cfg.validation.num_inference_steps} steps, seeds from {cfg.validation.seed}:", "",
                   f"![samples]({final_grid.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
+
+
+def _text_encoder_note(name: str, te, lr: float) -> str:
+    """'text_encoder (lr 5e-06, the identifier embedding at 0.003, until step 200)' for the model card."""
+    if te.scope == "identifier":
+        parts = [f"the identifier embedding only, lr {te.resolved_identifier_lr:g}"]
+    else:
+        parts = [f"lr {te.lr or lr:g}"] + ([f"the identifier embedding at {te.resolved_identifier_lr:g}"]
+                                           if te.resolved_identifier_lr else [])
+    parts += [f"until step {te.stop_step}"] if te.stop_step is not None else []
+    return f"{name} ({', '.join(parts)})"
 
 
 def _prior_note(cfg) -> str:

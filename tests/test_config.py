@@ -145,7 +145,6 @@ def test_valid_config_validates():
     ({"text_encoder.stop_step": 10}, ["stop_step", "text_encoder.train"]),
     ({"text_encoder.lr": 1e-6}, ["text_encoder.lr", "text_encoder.train"]),
     ({"text_encoder.scope": "identifier"}, ["scope", "text_encoder.train"]),
-    ({"text_encoder.train": True, "text_encoder.scope": "identifier", "train.method": "lora"}, ["text_encoder.scope", "train.method=full"]),
     ({"text_encoder.train": True, "text_encoder.identifier_lr": 3e-3, "train.method": "lora"}, ["text_encoder.identifier_lr", "train.method=full"]),
     ({"text_encoder.train": True, "text_encoder.scope": "identifier", "text_encoder.lr": 1e-4}, ["text_encoder.lr", "text_encoder.identifier_lr"]),
     ({"text_encoder.train": True, "text_encoder.identifier_lr": 0.0}, ["text_encoder.identifier_lr"]),

@@ -1,6 +1,7 @@
 """Every training option runs through the real recipe on the tiny model and gives finite, learning losses."""
 
 import dataclasses
+import json
 import math
 import re
 
@@ -158,9 +159,52 @@ def test_object_preset_trains_the_identifier_with_the_base_as_prior(tiny_sd_dir,
     assert result.steps == 2 and not (tmp_path / "o" / "class_images").exists()
 
 
-def test_text_encoder_scope_identifier_is_refused_where_it_cannot_work(tiny_sd_dir, photos, tmp_path):
-    with pytest.raises(DreamBoothError, match="scope=identifier and text_encoder.identifier_lr need train.method=full"):
-        make_cfg(tiny_sd_dir, photos, tmp_path, train={"method": "lora"}, text_encoder={"scope": "identifier"}).validate()
+def test_lora_with_the_identifier_embedding_saves_it_as_a_textual_inversion_file(tiny_sd_dir, photos, tmp_path):
+    """LoRA + text_encoder.scope=identifier: the denoiser trains as adapters, the text encoder only the identifier's
+    rows (the base prior still works: it has no adapters to switch off). The export holds the adapters (none for the
+    text encoder) and embeddings/sks.safetensors, which diffusers' load_textual_inversion loads into a fresh base so
+    that a prompt with the identifier encodes as trained; `dreambooth sample`'s loader does the same. Across a resume."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from dreambooth.interop.embeddings import encoded
+    from dreambooth.sampling import load_trained_pipeline
+
+    out = tmp_path / "o"
+    cfg = make_cfg(tiny_sd_dir, photos, out, train={"method": "lora", "max_steps": 2}, optim={"weight_decay": 0.1},
+                   prior={"source": "model"}, text_encoder={"scope": "identifier"}, checkpoint={"every_n_steps": 1})
+    train(cfg)
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=3, resume=True)))
+    assert json.loads((out / "verification.json").read_text())["passed"]
+    assert any("embeddings/sks.safetensors" in c for c in json.loads((out / "verification.json").read_text())["checks"])
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("unet.") for k in lora)  # no adapters on the text encoder
+    saved = load_file(out / "embeddings" / "sks.safetensors")
+    ids = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer")("sks", add_special_tokens=False).input_ids
+    base_rows = CLIPTextModel.from_pretrained(tiny_sd_dir / "text_encoder").get_input_embeddings().weight[ids]
+    assert list(saved) == ["sks"] and saved["sks"].shape == base_rows.shape
+    assert (saved["sks"] != base_rows).any(dim=1).all()  # every piece of the identifier trained
+
+    pipe = load_trained_pipeline(out)
+    base = load_trained_pipeline(tiny_sd_dir)
+    assert torch.equal(encoded(pipe, "a photo of a dog"), encoded(base, "a photo of a dog"))
+    assert not torch.allclose(encoded(pipe, "a photo of sks dog"), encoded(base, "a photo of sks dog"))
+    assert "pipe.load_textual_inversion" in (out / "README.md").read_text()
+
+
+def test_text_encoder_scope_identifier_is_refused_where_it_cannot_work(tiny_sd_dir, tiny_sdxl_dir, photos, tmp_path):
+    from transformers import CLIPTokenizer
+
+    with pytest.raises(DreamBoothError, match="identifier_lr with text_encoder.scope=all needs train.method=full"):
+        make_cfg(tiny_sd_dir, photos, tmp_path, train={"method": "lora"}, text_encoder={"identifier_lr": 3e-3}).validate()
+    with pytest.raises(DreamBoothError, match="cannot load the trained embedding back"):  # SDXL's pooled embedding
+        train(make_cfg(tiny_sdxl_dir, photos, tmp_path, train={"method": "lora"}, text_encoder={"scope": "identifier"}))
+    vocab = CLIPTokenizer.from_pretrained(tiny_sd_dir / "tokenizer").get_vocab()
+    taken = next(w for w in vocab if w.isalpha() and len(w) > 1)  # a token diffusers would refuse to add again
+    with pytest.raises(DreamBoothError, match=f"concept.identifier '{taken}' is already a token"):
+        train(make_cfg(tiny_sd_dir, photos, tmp_path, train={"method": "lora"}, text_encoder={"scope": "identifier"},
+                       concept={"identifier": taken, "instance_prompt": f"a photo of {taken} dog"}))
+    assert not (tmp_path / "class_images").exists()  # refused before any class image was drawn
     with pytest.raises(DreamBoothError, match="names none"):
         make_cfg(tiny_sd_dir, photos, tmp_path, concept={"instance_prompt": "dog"}, text_encoder={"scope": "identifier"}).validate()
     with pytest.raises(DreamBoothError, match="text_encoder.train is false"):

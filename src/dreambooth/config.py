@@ -156,7 +156,8 @@ class TextEncoderConfig:
         "all", "What of this text encoder trains (with train=true). all: its weights (the blog's text-encoder "
         "training). identifier: only the input embeddings of the concepts' identifier tokens (textual inversion of "
         "the identifier, trained beside the denoiser, as in pivotal tuning): every prompt without the identifier "
-        "encodes exactly as in the base, so the encoder forgets nothing. Full fine-tune only.")
+        "encodes exactly as in the base, so the encoder forgets nothing. With train.method=lora the embedding is "
+        "saved beside the adapters as a textual-inversion file (embeddings/IDENTIFIER.safetensors; SD 1.x/2.x).")
     lr: Optional[float] = _f(None, "Learning rate for this text encoder's weights (scope=all). Default: optim.lr.")
     identifier_lr: Optional[float] = _f(
         None, "Learning rate of the identifier's token embeddings, in an optimizer group of their own (no weight "
@@ -164,7 +165,7 @@ class TextEncoderConfig:
         "inversion's rates, far above a weight's: at the weights' rate the identifier may never come apart from the "
         "class noun ('sks toy' and 'a toy' giving the same images). Default: 3e-3 with scope=identifier; with "
         "scope=all unset, so the whole table trains with the weights at lr (set it, e.g. 3e-3, to give the "
-        "identifier its own rate). Full fine-tune only.")
+        "identifier its own rate; full fine-tune only).")
     stop_step: Optional[int] = _f(None, "Freeze this text encoder from this optimizer step on (it overfits sooner than the UNet).")
 
     @property
@@ -374,6 +375,11 @@ class TrainConfig:
         return any(te.train for te in self.text_encoders().values())
 
     @property
+    def trains_identifier_embedding(self) -> bool:
+        """Some text encoder learns only the identifier's embedding (a LoRA then saves it as a textual-inversion file)."""
+        return any(te.train and te.scope == "identifier" for te in self.text_encoders().values())
+
+    @property
     def cache_latents(self) -> bool:
         return (not self.augment) if self.memory.cache_latents is None else self.memory.cache_latents
 
@@ -426,10 +432,10 @@ class TrainConfig:
             if te.resolved_identifier_lr is not None:
                 if te.resolved_identifier_lr <= 0:
                     raise DreamBoothError(f"{name}.identifier_lr must be positive, got {te.resolved_identifier_lr}")
-                if self.train.method != "full":
-                    raise DreamBoothError(f"{name}.scope=identifier and {name}.identifier_lr need train.method=full: a LoRA "
-                                          f"output has no place for the trained embedding yet; leave them unset (LoRA "
-                                          f"adapters on the text encoder)")
+                if self.train.method == "lora" and te.scope != "identifier":
+                    raise DreamBoothError(f"{name}.identifier_lr with {name}.scope=all needs train.method=full: with LoRA "
+                                          f"the encoder trains as adapters, and the identifier's embedding trains alone "
+                                          f"with {name}.scope=identifier (saved beside the LoRA as a textual-inversion file)")
                 missing = [c.instance_prompt for c in self.resolved_concepts() if not c.resolved_identifier]
                 if missing:
                     raise DreamBoothError(f"{name}.scope=identifier / identifier_lr train the identifier's embedding, but "

@@ -23,6 +23,7 @@ import torch
 from .config import ExportConfig, TrainConfig
 from .errors import DreamBoothError
 from .files import atomic_write_text, finish_swap, swap_in
+from .interop.embeddings import save_identifier_embeddings
 from .interop.exports import LORA_WEIGHTS, REPORT, verify_export, write_formats
 
 EXPORTED = ".export.json"  # the entries the last export wrote, so the next one can replace them all
@@ -38,7 +39,8 @@ def export(comps, out: Path, trainable, lora: bool, settings: ExportConfig, card
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if lora:
-        comps.family.save_lora(comps, tmp, set(trainable.modules), LORA_WEIGHTS)
+        comps.family.save_lora(comps, tmp, set(trainable.adapted), LORA_WEIGHTS)
+        save_identifier_embeddings(comps, tmp, trainable)  # what trained outside the adapters (scope=identifier)
     else:
         rounded = {name for name, m in comps.modules.items() if any(p.dtype != torch.float32 for p in m.parameters())}
         for name in rounded:  # cast for mixed precision or bf16 weights: save full precision
@@ -90,6 +92,7 @@ def update_model_card(out: Path, card: str) -> None:
 def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: Path, base_dir: Path | None = None) -> str:
     """The output's README.md: prompts, settings, how to load it (the family's snippet), samples.
     `base_dir`: the diffusers folder trained from (a single-file model.path's converted copy)."""
+    from .interop.embeddings import EMBEDDINGS_DIR
     from .interop.exports import SINGLE_FILE
     from .interop.kohya import KOHYA_WEIGHTS
 
@@ -132,12 +135,16 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         "```python",
         *family.usage(str(out), str(base_dir or cfg.model.path), cfg.train.method == "lora"),
     ]
+    lines += [f'pipe.load_textual_inversion("{out / EMBEDDINGS_DIR / f"{c.resolved_identifier}.safetensors"}")'
+              for c in concepts] if cfg.train.method == "lora" and cfg.trains_identifier_embedding else []
     lines += [f'image = pipe("{concepts[0].instance_prompt}").images[0]', "```", "",
               f"or `dreambooth sample {out} --prompt \"{concepts[0].instance_prompt}\"`.", ""]
     if base_dir is not None and Path(cfg.model.path) != Path(base_dir):
         lines += [f"Trained from the single file `{cfg.model.path}`; the base above is its diffusers copy.", ""]
     if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file and not cfg.lora.use_dora):
-        lines += [f"For AUTOMATIC1111 / ComfyUI: `{KOHYA_WEIGHTS}` (kohya format) in `models/Lora`.", ""]
+        lines += [f"For AUTOMATIC1111 / ComfyUI: `{KOHYA_WEIGHTS}` (kohya format) in `models/Lora`"
+                  + (f", and `{EMBEDDINGS_DIR}/*.safetensors` (the identifier's trained embedding, named after it) in "
+                     "`embeddings`." if cfg.trains_identifier_embedding else "."), ""]
     elif cfg.export.single_file and family.single_file:
         lines += [f"For AUTOMATIC1111 / ComfyUI: `{SINGLE_FILE}` (one file, original layout) in `models/Stable-diffusion`.", ""]
     if final_grid is not None:

@@ -206,6 +206,7 @@ def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = 
     from diffusers import DiffusionPipeline
 
     from dreambooth.files import finish_swap
+    from dreambooth.interop.embeddings import load_identifier_embeddings
     from dreambooth.interop.single_file import cached_folder, is_single_file
 
     output_dir = Path(output_dir)
@@ -229,6 +230,7 @@ def load_trained_pipeline(output_dir, base: str | None = None, scheduler: str = 
             raise DreamBoothError(f"base model {base} (for the LoRA in {output_dir}) not found: pass --base PATH")
         pipe = DiffusionPipeline.from_pretrained(base)
         pipe.load_lora_weights(output_dir)
+        load_identifier_embeddings(pipe, output_dir)  # text_encoder.scope=identifier: the trained identifier
         # Our training fits the noise only, never a learned variance (IF's UNets predict one): sample the
         # adapted model with a fixed variance. A full export already carries that scheduler.
         if pipe.scheduler.config.get("variance_type") in ("learned", "learned_range"):

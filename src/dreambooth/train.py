@@ -40,6 +40,7 @@ from .errors import DreamBoothError
 from .export import export, model_card, update_model_card
 from .files import finish_swap
 from .inputs import Latents, Texts
+from .interop.embeddings import check_identifiers
 from .monitor import DriftMonitor, checkpoint_scorer, probe_class_images, score
 from .models.load import check_resolution, check_settings, detect_family, model_folder
 from .models.memory import apply_memory_options
@@ -107,6 +108,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 1. settings, model and photos - every input error surfaces here, before any training
     comps = family.load(model_dir, cfg.model.vae_path)
     concepts = cfg.resolved_concepts()
+    check_identifiers(cfg, comps)  # a LoRA saves a trained identifier as a textual-inversion file: it must load back
     subject = subject_examples(concepts, cfg.data, without_identifier=not family.trains_with_identifier)
     if accelerator.is_main_process:  # `dreambooth doctor`'s checks on the decoded photos, as warnings
         log_short_report(subject, concepts, cfg.data, buckets, check_identifier=family.trains_with_identifier)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .embeddings import EMBEDDINGS_DIR, encoded
 from .kohya import KOHYA_WEIGHTS, save_kohya
 from .single_file import TrackedDict, folder_to_single_file, load_part_from, read_checkpoint, saved_part
 from .verify import FP32, HALF, Verification, compare, same_weights, tolerance
@@ -33,7 +34,7 @@ def write_formats(comps, folder: Path, trainable, lora: bool, settings) -> list[
     if lora:
         if is_dora(comps.denoiser):  # diffusers reads our dora_scale keys back wrongly (verification fails): not offered
             return []
-        save_kohya(comps.modules, sorted(trainable.modules), fam.text_encoders, folder / KOHYA_WEIGHTS)
+        save_kohya(comps.modules, sorted(trainable.adapted), fam.text_encoders, folder / KOHYA_WEIGHTS)
         return [KOHYA_WEIGHTS]
     if settings.single_file:
         dtype = torch.float16 if settings.single_file_precision == "fp16" else None
@@ -73,10 +74,31 @@ def _verify_lora(comps, out: Path, trainable, report: Verification) -> None:
         except Exception as e:  # noqa: BLE001 - any failure to load is the finding
             report.fail(f"{file}: load_lora_weights failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file)
             continue
-        for part in sorted(trainable.modules):
+        for part in sorted(trainable.adapted):
             compare(report, f"{file} {part}", comps.modules[part], getattr(base, part),
                     tolerance(comps.modules[part], getattr(base, part)), file)
         base.unload_lora_weights()
+    _verify_embeddings(comps, out, trainable, base, report)
+
+
+def _verify_embeddings(comps, out: Path, trainable, base, report: Verification) -> None:
+    """Each identifier's textual-inversion file, loaded by diffusers into a fresh base: a prompt with the
+    identifier encodes as the trained text encoder encodes it."""
+    for encoder in trainable.identifier_embeddings:
+        trained = comps.family.pipeline(comps)
+        for word in trainable.identifiers:
+            file = f"{EMBEDDINGS_DIR}/{word}.safetensors"
+            try:
+                base.load_textual_inversion(str(out / file))
+            except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+                report.fail(f"{file}: load_textual_inversion failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file)
+                continue
+            prompt = f"a photo of {word}"
+            reference, loaded = encoded(trained, prompt), encoded(base, prompt)
+            scale = max(1.0, reference.abs().max().item())
+            report.add(f"{file} {encoder} ({prompt!r})", (reference - loaded).abs().max().item(),
+                       tolerance(comps.modules[encoder], getattr(base, encoder)) * scale, file)
+            base.unload_textual_inversion()
 
 
 def _verify_full(comps, out: Path, trainable, report: Verification) -> None:

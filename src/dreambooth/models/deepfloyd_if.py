@@ -61,6 +61,7 @@ class _IFBase:
     refuses: dict[str, str] = {}
     single_file = None  # IF is published only as diffusers folders; no A1111/ComfyUI single-file layout exists
     trains_with_identifier = True
+    identifier_embedding_file = False  # IF's pipelines have no textual-inversion loader (T5)
     buckets_by_default = False
     pipeline_class = ""
     stage_parts: tuple[str, ...] = ()

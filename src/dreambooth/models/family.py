@@ -90,6 +90,9 @@ class ModelFamily(Protocol):
     single_file: dict[str, str] | None  # part -> key prefix in the one-file layout A1111/ComfyUI read; None: no such layout
     trains_with_identifier: bool  # False: prompts lose concept.identifier (an upscaler learns the look, not the name)
     buckets_by_default: bool  # data.buckets when unset (optional: a family that omits it trains unbucketed)
+    # whether a LoRA output can carry the identifier's trained embedding (text_encoder.scope=identifier) as a
+    # textual-inversion file that diffusers loads back into this family's pipeline exactly as trained (optional: no)
+    identifier_embedding_file: bool
 
     def latent_factor(self, model_dir: Path) -> int:
         """Pixels per latent along each side, read from the folder's configs (no weights loaded)."""

@@ -54,7 +54,9 @@ class FrozenBase:
         if not self.lora:
             yield
             return
-        modules = [self.comps.modules[name] for name in self.trained]
+        # a text encoder that learns only the identifier's embedding has no adapters (and encodes the
+        # class prompt, which lacks the identifier, as the base does)
+        modules = [m for m in (self.comps.modules[name] for name in self.trained) if getattr(m, "peft_config", None)]
         flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
         for m in modules:
             m.disable_adapters()

@@ -75,6 +75,11 @@ def check_settings(cfg, fam: ModelFamily, model_dir: str | Path) -> None:
         if te.train and name not in fam.text_encoders:
             raise DreamBoothError(f"{name}.train=true, but {model_dir} ({fam.name}) has no {name}; its text encoders: "
                                   f"{', '.join(fam.text_encoders)}")
+    embedding = [name for name, te in cfg.text_encoders().items() if te.train and te.scope == "identifier"]
+    if embedding and cfg.train.method == "lora" and not getattr(fam, "identifier_embedding_file", False):
+        raise DreamBoothError(f"{embedding[0]}.scope=identifier with train.method=lora cannot be used with {model_dir} "
+                              f"({fam.name}): its pipeline cannot load the trained embedding back as a textual-inversion "
+                              f"file; use train.method=full, or LoRA with {embedding[0]}.scope=all")
     for setting, why in fam.refuses.items():
         key, value = setting.split("=")
         section, field = key.split(".")

@@ -69,6 +69,7 @@ class StableDiffusionFamily:
     # sub-prefix (transformer. for OpenAI CLIP, model. for SD 2.x's OpenCLIP) follows from its config.
     single_file = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
     refuses = {"export.save_text_encoder=False": "StableDiffusionPipeline cannot load without its text encoder"}
+    identifier_embedding_file = True  # diffusers' load_textual_inversion, A1111's and ComfyUI's embeddings folder
 
     def latent_factor(self, model_dir: Path) -> int:
         return vae_factor(model_dir)

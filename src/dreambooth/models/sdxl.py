@@ -49,6 +49,9 @@ class StableDiffusionXLFamily:
     # The SGM single-file layout: CLIP ViT-L is the conditioner's embedder 0, OpenCLIP bigG embedder 1.
     single_file = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                    "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+    # No: SDXL's pooled text embedding is taken at the highest token id in many text_encoder_2 configs
+    # (eos_token_id 2, transformers' legacy rule), which a token added by load_textual_inversion becomes
+    identifier_embedding_file = False
     buckets_by_default = True  # SDXL was trained on aspect-ratio buckets, with original size and crop as time ids
     refuses = {"export.save_text_encoder=False": "StableDiffusionXLPipeline cannot load without its text encoders"}
 

@@ -26,6 +26,8 @@ class Trainable:
     params: dict[str, dict[str, torch.nn.Parameter]]  # module name -> parameter name -> parameter
     # module -> name of its token-embedding table when only the identifier's rows of it train, in a group of their own
     identifier_embeddings: dict[str, str] = field(default_factory=dict)
+    adapted: list[str] = field(default_factory=list)  # modules that carry LoRA adapters (what a LoRA export holds)
+    identifiers: tuple[str, ...] = ()  # the concepts' identifiers whose embedding rows train (identifier_embeddings)
 
     @property
     def modules(self) -> list[str]:
@@ -99,18 +101,21 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
     """
     dtype = torch.bfloat16 if weights_dtype == "bf16" else torch.float32
     trained = trained_module_names(comps, text_encoders)
+    adapted = []
     for name in trained:
         module = comps.modules[name]
         if dtype != torch.float32:
             module.to(dtype)
-        if method == "lora":
+        if name in text_encoders and text_encoders[name].scope == "identifier":
+            # textual inversion: the rest stays the base's (with LoRA too: an adapter cannot change a token's embedding)
+            module.get_input_embeddings().weight.requires_grad_(True)
+        elif method == "lora":
             denoiser = name == comps.family.denoiser
             targets = lora.unet_targets if denoiser else lora.text_encoder_targets
             # DoRA on the denoiser only: a text encoder's DoRA magnitudes do not load back through
             # diffusers/transformers (measured: saved as `...lora_magnitude_vector`, expected with `.weight`)
             module.add_adapter(_lora_config(lora, targets or comps.family.lora_targets[name], dora=lora.use_dora and denoiser))
-        elif name in text_encoders and text_encoders[name].scope == "identifier":
-            module.get_input_embeddings().weight.requires_grad_(True)  # textual inversion: the rest stays the base's
+            adapted.append(name)
         else:
             module.requires_grad_(True)
     params = {name: {n: p for n, p in comps.modules[name].named_parameters() if p.requires_grad} for name in trained}
@@ -119,7 +124,7 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
             p.data = p.data.to(dtype)
     tables = {}
     for name, te in text_encoders.items():
-        if name in trained and te.resolved_identifier_lr is not None and method == "full":
+        if name in trained and te.resolved_identifier_lr is not None:
             rows = identifier_token_ids(comps, name, list(identifiers))
             if not rows:
                 raise DreamBoothError(f"{name}: the identifier(s) {', '.join(identifiers) or '(none)'} give no token in "
@@ -127,4 +132,4 @@ def setup_trainable(comps: Components, method: str, lora: LoRAConfig, text_encod
             embedding = comps.modules[name].get_input_embeddings().weight
             _train_rows(embedding, rows)
             tables[name] = next(k for k, p in params[name].items() if p is embedding)
-    return Trainable(params, tables)
+    return Trainable(params, tables, adapted, tuple(identifiers) if tables else ())

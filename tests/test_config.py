@@ -67,7 +67,7 @@ def test_preset_applies_and_explicit_values_win():
 
 
 def test_unknown_preset():
-    with pytest.raises(DreamBoothError, match="unknown preset 'faces'.*object, face, style"):
+    with pytest.raises(DreamBoothError, match="unknown preset 'faces'.*object, object-lora, face, style"):
         build_config({"preset": "faces"})
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreambooth.errors import DreamBoothError
 from dreambooth.miniworld import experiments, world
 from dreambooth.miniworld.evaluate import roughness
 
@@ -137,6 +138,10 @@ def test_the_demo_default_is_the_measured_candidate(tmp_path):
 
     assert experiments.BAR_CANDIDATES[experiments.DEFAULT_CANDIDATE] == demo.DEFAULT_CHANGES
     assert demo.DEMO_SETTINGS == {**demo.PAPER_SETTINGS, **demo.DEFAULT_CHANGES}
+    assert experiments.BAR_CANDIDATES[experiments.LORA_CANDIDATE] == {**demo.DEFAULT_CHANGES, **demo.LORA_CHANGES}
+    assert demo.family_overrides("sd", lora=True) == demo.LORA_CHANGES
+    with pytest.raises(DreamBoothError, match="sd base only"):  # SDXL cannot load the identifier beside a LoRA
+        demo.family_overrides("sdxl", lora=True)
     cfg = demo.demo_config(tmp_path, overrides=demo.NO_PRIOR).validate()  # `dreambooth demo --no-prior`
     assert not cfg.prior.enabled and not cfg.prior.distills and cfg.text_encoder.scope == "identifier"
 

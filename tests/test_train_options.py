@@ -192,6 +192,24 @@ def test_lora_with_the_identifier_embedding_saves_it_as_a_textual_inversion_file
     assert "pipe.load_textual_inversion" in (out / "README.md").read_text()
 
 
+def test_object_lora_preset_adapts_every_unet_layer_and_saves_the_identifier(tiny_sd_dir, photos, tmp_path):
+    from safetensors.torch import load_file
+
+    from dreambooth.config import build_config
+    from dreambooth.presets import UNET_LORA_ALL_LAYERS
+
+    cfg = build_config({"preset": "object-lora", "model": {"path": str(tiny_sd_dir)}, "data": {"resolution": 32, "min_size": 16},
+                        "concept": {"instance_dir": str(photos), "instance_prompt": "a photo of sks dog",
+                                    "class_prompt": "a photo of a dog"},
+                        "train": {"max_steps": 2, "output_dir": str(tmp_path / "o")}})
+    train(cfg)
+    keys = [k.split(".lora_A")[0] for k in load_file(tmp_path / "o" / "pytorch_lora_weights.safetensors") if ".lora_A" in k]
+    # every target is adapted somewhere (resnets and attention blocks alike), and nothing else is
+    assert {t for t in UNET_LORA_ALL_LAYERS if any(k.endswith("." + t) for k in keys)} == set(UNET_LORA_ALL_LAYERS)
+    assert all(any(k.endswith("." + t) for t in UNET_LORA_ALL_LAYERS) for k in keys)
+    assert (tmp_path / "o" / "embeddings" / "sks.safetensors").is_file()
+
+
 def test_text_encoder_scope_identifier_is_refused_where_it_cannot_work(tiny_sd_dir, tiny_sdxl_dir, photos, tmp_path):
     from transformers import CLIPTokenizer
 

@@ -21,12 +21,9 @@ from pathlib import Path
 import torch
 
 from ..errors import DreamBoothError
+from ..models.trainable import encoder_tokenizer
 
 EMBEDDINGS_DIR = "embeddings"
-
-
-def _tokenizer(comps, encoder: str):
-    return comps.tokenizers[encoder.replace("text_encoder", "tokenizer")]  # diffusers' pairs
 
 
 def check_identifiers(cfg, comps) -> None:
@@ -34,7 +31,7 @@ def check_identifiers(cfg, comps) -> None:
     encoders = [name for name, te in cfg.text_encoders().items() if te.train and te.scope == "identifier"]
     if cfg.train.method != "lora" or not encoders:
         return
-    vocab = _tokenizer(comps, encoders[0]).get_vocab()
+    vocab = encoder_tokenizer(comps, encoders[0]).get_vocab()
     for word in (c.resolved_identifier for c in cfg.resolved_concepts()):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", word):
             raise DreamBoothError(f"concept.identifier {word!r}: a LoRA saves the trained identifier as the file "
@@ -48,32 +45,31 @@ def check_identifiers(cfg, comps) -> None:
 
 def identifier_vectors(comps, encoder: str, word: str) -> torch.Tensor:
     """The embeddings of the tokens `word` splits into, in order (what a prompt with `word` feeds the encoder)."""
-    ids = _tokenizer(comps, encoder)(word, add_special_tokens=False).input_ids
+    ids = encoder_tokenizer(comps, encoder)(word, add_special_tokens=False).input_ids
     table = comps.modules[encoder].get_input_embeddings().weight
     return table[ids].detach().float().cpu().clone()
 
 
-def save_identifier_embeddings(comps, folder: Path, trainable) -> list[str]:
-    """Write each trained identifier's embedding under `folder`; the paths written, relative to it."""
+def embedding_encoder(trainable) -> str | None:
+    """The text encoder whose identifier rows trained, if any. Only families with one text encoder write the
+    file (`ModelFamily.identifier_embedding_file`), so there is at most one."""
+    return next(iter(trainable.identifier_embeddings), None)
+
+
+def save_identifier_embeddings(comps, folder: Path, trainable) -> None:
+    """Write each trained identifier's embedding under `folder` (nothing when no identifier trained)."""
     from safetensors.torch import save_file
 
-    written = []
-    for encoder in trainable.identifier_embeddings:
-        for word in trainable.identifiers:
-            path = Path(folder) / EMBEDDINGS_DIR / f"{word}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({word: identifier_vectors(comps, encoder, word)}, path)
-            written.append(path.relative_to(folder).as_posix())
-    return written
-
-
-def embedding_files(folder: Path) -> list[Path]:
-    return sorted((Path(folder) / EMBEDDINGS_DIR).glob("*.safetensors"))
+    encoder = embedding_encoder(trainable)
+    for word in trainable.identifiers if encoder else ():
+        path = Path(folder) / EMBEDDINGS_DIR / f"{word}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({word: identifier_vectors(comps, encoder, word)}, path)
 
 
 def load_identifier_embeddings(pipe, folder: Path) -> None:
     """Load a LoRA output's identifier embeddings into `pipe` (after its adapters), as any diffusers user would."""
-    for path in embedding_files(folder):
+    for path in sorted((Path(folder) / EMBEDDINGS_DIR).glob("*.safetensors")):
         pipe.load_textual_inversion(str(path))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .embeddings import EMBEDDINGS_DIR, encoded
+from .embeddings import EMBEDDINGS_DIR, embedding_encoder, encoded
 from .kohya import KOHYA_WEIGHTS, save_kohya
 from .single_file import TrackedDict, folder_to_single_file, load_part_from, read_checkpoint, saved_part
 from .verify import FP32, HALF, Verification, compare, same_weights, tolerance
@@ -84,21 +84,23 @@ def _verify_lora(comps, out: Path, trainable, report: Verification) -> None:
 def _verify_embeddings(comps, out: Path, trainable, base, report: Verification) -> None:
     """Each identifier's textual-inversion file, loaded by diffusers into a fresh base: a prompt with the
     identifier encodes as the trained text encoder encodes it."""
-    for encoder in trainable.identifier_embeddings:
-        trained = comps.family.pipeline(comps)
-        for word in trainable.identifiers:
-            file = f"{EMBEDDINGS_DIR}/{word}.safetensors"
-            try:
-                base.load_textual_inversion(str(out / file))
-            except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-                report.fail(f"{file}: load_textual_inversion failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file)
-                continue
-            prompt = f"a photo of {word}"
-            reference, loaded = encoded(trained, prompt), encoded(base, prompt)
-            scale = max(1.0, reference.abs().max().item())
-            report.add(f"{file} {encoder} ({prompt!r})", (reference - loaded).abs().max().item(),
-                       tolerance(comps.modules[encoder], getattr(base, encoder)) * scale, file)
-            base.unload_textual_inversion()
+    encoder = embedding_encoder(trainable)
+    if encoder is None:
+        return
+    trained = comps.family.pipeline(comps)
+    limit = tolerance(comps.modules[encoder], getattr(base, encoder))
+    for word in trainable.identifiers:
+        file = f"{EMBEDDINGS_DIR}/{word}.safetensors"
+        try:
+            base.load_textual_inversion(str(out / file))
+        except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+            report.fail(f"{file}: load_textual_inversion failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file)
+            continue
+        prompt = f"a photo of {word}"
+        reference, loaded = encoded(trained, prompt), encoded(base, prompt)
+        scale = max(1.0, reference.abs().max().item())
+        report.add(f"{file} {encoder} ({prompt!r})", (reference - loaded).abs().max().item(), limit * scale, file)
+        base.unload_textual_inversion()
 
 
 def _verify_full(comps, out: Path, trainable, report: Verification) -> None:

@@ -74,10 +74,14 @@ def _lora_config(lora: LoRAConfig, targets: list[str], dora: bool = False):
                       init_lora_weights="gaussian", target_modules=list(targets))
 
 
+def encoder_tokenizer(comps: Components, encoder: str):
+    """`encoder`'s tokenizer (diffusers names them in pairs: text_encoder/tokenizer, text_encoder_2/tokenizer_2)."""
+    return comps.tokenizers[encoder.replace("text_encoder", "tokenizer")]
+
+
 def identifier_token_ids(comps: Components, encoder: str, identifiers: list[str]) -> list[int]:
-    """The token ids the identifiers split into in `encoder`'s tokenizer (diffusers names them in pairs:
-    text_encoder/tokenizer, text_encoder_2/tokenizer_2)."""
-    tokenizer = comps.tokenizers[encoder.replace("text_encoder", "tokenizer")]
+    """The token ids the identifiers split into in `encoder`'s tokenizer."""
+    tokenizer = encoder_tokenizer(comps, encoder)
     return sorted({i for word in identifiers for i in tokenizer(word, add_special_tokens=False).input_ids})
 
 

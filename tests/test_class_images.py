@@ -14,8 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth import sampling
+from dreambooth.config import ConceptConfig, DataConfig
 from dreambooth.data import class_images
 from dreambooth.data.class_images import ClassImageSettings, ensure_class_images, model_fingerprint
+from dreambooth.data.dataset import class_examples
 from dreambooth.errors import DreamBoothError
 
 RESOLUTION = 32  # as in conftest
@@ -180,6 +182,46 @@ def test_changed_settings_invalidate_and_regenerate(tiny_sd_dir, tmp_path, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"2 class images in {class_dir} were made with another {field};")
+
+
+def test_caption_diverse_class_images_cycle_through_their_prompts(tiny_sd_dir, tmp_path, caplog):
+    """Image i is made with prompt i mod k, records it, and trains with it; a changed list regenerates only the
+    images whose prompt changed, and a folder made with the one class prompt stays valid for a list of just it."""
+    class_dir = tmp_path / "class"
+    plain = ensure_class_images(tiny_sd_dir, class_dir, settings(), load_pipeline=Loader(tiny_sd_dir))
+    again = ensure_class_images(tiny_sd_dir, class_dir, settings(prompts=("a photo of a dog",)), load_pipeline=no_load)
+    assert again == plain
+
+    black, beach, cat = "a photo of a black dog", "a photo of a dog on a beach", "a photo of a cat"
+    paths = ensure_class_images(tiny_sd_dir, class_dir, settings(prompts=(black, beach)), load_pipeline=Loader(tiny_sd_dir))
+    assert [e["prompt"] for e in manifest(class_dir)] == [black, beach, black]
+    assert class_images.image_prompts(paths, "a photo of a dog") == [black, beach, black]
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd_dir)
+    sampling.set_scheduler(pipe, "ddim")
+    (expected,) = sampling.generate(pipe, [beach], [1], num_inference_steps=2, guidance_scale=7.5,
+                                    height=RESOLUTION, width=RESOLUTION)
+    assert np.abs(pixels(paths[1]) - np.asarray(expected, dtype=np.int16)).max() <= 1  # made with its own prompt
+
+    loader = Loader(tiny_sd_dir)
+    with caplog.at_level(logging.WARNING, logger="dreambooth"):
+        changed = ensure_class_images(tiny_sd_dir, class_dir, settings(prompts=(black, cat)), load_pipeline=loader)
+    assert loader.calls == 1
+    assert (changed[0], changed[2]) == (paths[0], paths[2]) and changed[1] != paths[1]  # only image 1's prompt changed
+    assert class_images.image_prompts(changed, "a photo of a dog") == [black, cat, black]
+    examples = class_examples([changed], [ConceptConfig(class_prompt="a photo of a dog")], DataConfig(resolution=RESOLUTION))
+    assert [e.prompt for e in examples] == [black, cat, black]  # what the loop encodes for each class image
+    assert any(r.getMessage().startswith(f"1 class images in {class_dir} were made with another prompt;")
+               for r in caplog.records)
+
+
+def test_user_supplied_class_images_train_with_their_captions(tmp_path):
+    folder = tmp_path / "my_class"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(folder / name)
+    (folder / "a.txt").write_text("a photo of a black dog\n")
+    assert class_images.image_prompts([folder / "a.png", folder / "b.png"], "a photo of a dog") == [
+        "a photo of a black dog", "a photo of a dog"]
 
 
 def test_changed_model_weights_invalidate_and_regenerate(model_dir, tmp_path, caplog):

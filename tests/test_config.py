@@ -16,6 +16,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = {"model": {"path": "m"}, "concept": {"instance_dir": "d", "instance_prompt": "a photo of sks dog"}}
 
 
+PRIOR = {"prior.enabled": True, "concept.class_prompt": "a photo of a dog"}
+
+
 def valid(**dotted) -> TrainConfig:
     """A config that validates, with `dotted` overrides (e.g. {'optim.lr': 1e-6})."""
     return build_config(BASE, dotted_to_nested(dotted))
@@ -162,6 +165,14 @@ def test_valid_config_validates():
     ({"objective.snr_gamma": 0.0}, ["objective.snr_gamma"]),
     ({"ema.decay": 1.0}, ["ema.decay"]),
     ({"validation.every_n_steps": 50}, ["validation.every_n_steps", "validation.prompts"]),
+    # caption-diverse class images
+    ({"concept.class_prompts": ["a photo of a red dog"]}, ["concept.class_prompts", "prior.enabled"]),
+    ({**PRIOR, "prior.source": "model", "concept.class_prompts": ["a photo of a red dog"]},
+     ["concept.class_prompts", "prior.source=model", "prior.preserve_prompts"]),
+    ({**PRIOR, "concept.class_images_user_supplied": True, "concept.class_prompts": ["a photo of a red dog"]},
+     ["concept.class_prompts", "class_images_user_supplied", "name.txt"]),
+    ({**PRIOR, "concept.class_prompts": ["a photo of a red dog", " "]}, ["concept.class_prompts", "empty"]),
+    ({**PRIOR, "concept.class_prompts": ["a photo of a red dog", "a photo of sks dog"]}, ["concept.class_prompts", "'sks'"]),
 ])
 def test_validate_names_the_key(dotted, keys):
     cfg = valid(**dotted)
@@ -180,6 +191,7 @@ def test_validate_fixes_pass():
     valid(**{"data.random_flip": True}).validate()  # caching left at its default (off when augmenting)
     valid(**{"validation.every_n_steps": 50, "validation.prompts": ["a"]}).validate()
     valid(**{"data.resolution": 504}).validate()
+    valid(**{**PRIOR, "concept.class_prompts": ["a photo of a red dog", "a photo of a dog on a beach"]}).validate()
 
 
 def test_concept_and_concepts_together():

@@ -63,6 +63,23 @@ def test_instance_images_differ_and_are_written(tmp_path):
     assert [p.name for p in paths] == [f"banded_heart_{i:02d}.png" for i in range(5)]
     again = world.write_instance_images("banded_heart", tmp_path / "again")
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    assert not list((tmp_path / "heart").glob("*.txt"))
+
+
+def test_instance_captions_name_each_photos_background(tmp_path):
+    """Captioned photos train with their caption (the trainer's per-image caption files); written again without
+    captions, the folder trains with the concept's prompt again."""
+    from dreambooth.config import ConceptConfig, DataConfig
+    from dreambooth.data.dataset import subject_examples
+
+    folder = tmp_path / "moon"
+    world.write_instance_images("split_moon", folder, captions=True)
+    concept = ConceptConfig(instance_dir=str(folder), instance_prompt=world.instance_prompt())
+    prompts = [e.prompt for e in subject_examples([concept], DataConfig(resolution=world.SIZE))]
+    assert prompts == [world.describe(identifier="sks", background=s.background) for s in world.instance_scenes("split_moon")]
+    assert set(prompts) == {f"a photo of sks toy on a {bg} background" for bg in world.SUBJECTS["split_moon"].instance_backgrounds}
+    world.write_instance_images("split_moon", folder)
+    assert {e.prompt for e in subject_examples([concept], DataConfig(resolution=world.SIZE))} == {world.instance_prompt()}
 
 
 def test_labels_cover_every_head():

@@ -116,15 +116,24 @@ def test_bar_runs_meets_and_worst_case_table():
     assert "| worst |  |  | (not run) |" in experiments.render_bar(results, ["paper"])
 
 
+def asked_prompts() -> set[str]:
+    from dreambooth.miniworld.evaluate import EvalSettings, attribute_combinations
+
+    return {world.describe(*c) for c in attribute_combinations(EvalSettings().attribute_prompts, EvalSettings().seed)}
+
+
 def test_every_bar_candidate_builds_a_valid_config(tmp_path):
     """Each candidate's settings pass the trainer's checks (prior.source=model gets no class folder), and the
     knowledge-preservation prompts leave out every prompt the prompt-following measurement asks for."""
     from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
     from dreambooth.miniworld.evaluate import EvalSettings, attribute_combinations
 
-    for name, overrides in experiments.BAR_CANDIDATES.items():
-        cfg = demo_config(tmp_path / name, overrides=overrides, recipe=PAPER_SETTINGS).validate()
+    for name in experiments.BAR_CANDIDATES:
+        run = experiments.bar_runs(name, seeds=(0,), subjects=("banded_heart",))[0]  # (the world's own keys taken out)
+        cfg = demo_config(tmp_path / name, overrides=run.overrides, recipe=PAPER_SETTINGS).validate()
         assert (cfg.concept.class_dir is None) == (cfg.prior.source == "model"), name
+        assert run.captions == name.endswith("+captions"), name
+    assert not asked_prompts() & set(experiments.class_attribute_prompts())  # caption-diverse class prompts: held out too
     asked = {world.describe(*c) for c in attribute_combinations(EvalSettings().attribute_prompts, EvalSettings().seed)}
     prompts = experiments.preserve_prompts()
     assert len(prompts) == len(world.world_combinations()) - len(asked) and not asked & set(prompts)

@@ -97,7 +97,9 @@ def cmd_class_images(args) -> None:
     subject = subject_examples(concepts, cfg.data) if buckets else []
     for concept in concepts:
         files = ensure_concept_class_images(cfg, concept, subject, buckets, model_dir, device=_device())
-        print(f"{len(files)} class images for {concept.class_prompt!r} in {concept.class_dir}")
+        prompts = concept.class_prompts or [concept.class_prompt]
+        what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} class prompts ({prompts[0]!r}, ...)"
+        print(f"{len(files)} class images for {what} in {concept.class_dir}")
 
 
 def _device() -> str:

@@ -59,8 +59,13 @@ class ConceptConfig:
     instance_dir: str = _f("", "Folder with 5-20 photos of the subject. A 'name.txt' beside 'name.png' is that photo's caption.")
     instance_prompt: str = _f("", "Prompt with the rare identifier and the class noun, e.g. 'a photo of sks dog'.")
     class_prompt: Optional[str] = _f(None, "Prompt for the class without the identifier, e.g. 'a photo of a dog' (prior preservation).")
+    class_prompts: list[str] = _f(
+        [], "Caption-diverse prior preservation (prior.source=images): several class prompts, e.g. 'a photo of a "
+        "black dog', 'a photo of a dog on a beach'. Class image i is generated with prompt i mod their count and "
+        "trains with it, so the class noun keeps its attributes as well as its look. Default: class_prompt alone.")
     class_dir: Optional[str] = _f(None, "Folder for class images (generated there if missing). Default: OUTPUT/class_images/<n>.")
-    class_images_user_supplied: bool = _f(False, "The class folder holds your own images: use them as they are, never generate or delete.")
+    class_images_user_supplied: bool = _f(False, "The class folder holds your own images: use them as they are, never "
+                                          "generate or delete. A 'name.txt' beside an image is its prompt (default: class_prompt).")
     identifier: Optional[str] = _f(
         None, "The rare token that names the subject (e.g. sks). A family that trains without it (IF stage II, "
         "the upscaler, as diffusers' guide advises: 'a sks dog' -> 'a dog') drops it from the prompts. Default: the "
@@ -409,6 +414,7 @@ class TrainConfig:
             if self.prior.source == "model" and (c.class_dir or c.class_images_user_supplied):
                 raise DreamBoothError(f"{key}.class_dir/class_images_user_supplied are set but prior.source=model uses "
                                       "no class images: remove them, or use prior.source=images")
+            self._check_class_prompts(key, c)
         positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
                     "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
                     "data.resolution": self.data.resolution, "lora.rank": self.lora.rank,
@@ -497,6 +503,27 @@ class TrainConfig:
             raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
         return self
 
+
+    def _check_class_prompts(self, key: str, c: ConceptConfig) -> None:
+        if not c.class_prompts:
+            return
+        if not self.prior.enabled:
+            raise DreamBoothError(f"{key}.class_prompts is set but prior.enabled is false: set prior.enabled=true "
+                                  "(and a class_prompt) to use them, or remove them")
+        if self.prior.source == "model":
+            raise DreamBoothError(f"{key}.class_prompts makes class images, which prior.source=model has none of: "
+                                  "give these prompts as prior.preserve_prompts (with a prior.preserve_weight), which "
+                                  "distils the base on them the same way, or use prior.source=images")
+        if c.class_images_user_supplied:
+            raise DreamBoothError(f"{key}.class_prompts sets the prompts generated class images are made with, but "
+                                  "class_images_user_supplied is true: caption your own class images with a 'name.txt' "
+                                  "beside each instead, or remove class_prompts")
+        if any(not prompt.strip() for prompt in c.class_prompts):
+            raise DreamBoothError(f"{key}.class_prompts holds an empty prompt: remove it")
+        identifier = c.resolved_identifier
+        if identifier and any(identifier in prompt.split() for prompt in c.class_prompts):
+            raise DreamBoothError(f"{key}.class_prompts must not name the identifier {identifier!r}: they describe the "
+                                  "class in general (e.g. 'a photo of a black dog'), which prior preservation keeps")
 
     def _check_preservation(self) -> None:
         p = self.prior

@@ -111,7 +111,9 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
     ]
     for c in concepts:
         lines.append(f"- instance prompt: `{c.instance_prompt}` (photos: `{c.instance_dir}`)"
-                     + (f"; class prompt: `{c.class_prompt}`" if cfg.prior.enabled else ""))
+                     + (f"; class prompt: `{c.class_prompt}`" if cfg.prior.enabled else "")
+                     + (f"; class images made with {len(c.class_prompts)} class prompts (`{c.class_prompts[0]}`, ...)"
+                        if c.class_prompts else ""))
     lines += [
         "",
         "## Training",

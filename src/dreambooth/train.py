@@ -325,7 +325,7 @@ def class_image_settings(cfg: TrainConfig, concept) -> ClassImageSettings:
     return ClassImageSettings(prompt=concept.class_prompt, num_images=p.num_class_images, resolution=cfg.data.resolution,
                               scheduler=p.scheduler, num_inference_steps=p.num_inference_steps,
                               guidance_scale=p.guidance_scale, negative_prompt=p.negative_prompt, seed=p.seed,
-                              batch_size=p.batch_size)
+                              batch_size=p.batch_size, prompts=tuple(concept.class_prompts))
 
 
 def ensure_concept_class_images(cfg: TrainConfig, concept, subject, buckets, model_dir: Path, device,

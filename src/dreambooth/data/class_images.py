@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth import sampling
+from dreambooth.data.images import read_caption
 from dreambooth.errors import DreamBoothError
 from dreambooth.files import atomic_write_bytes
 
@@ -113,6 +114,13 @@ class ClassImageSettings:
     """Images per pipeline call; a memory/speed trade-off that does not change the images."""
     size: tuple[int, int] | None = None
     """(height, width) of a non-square aspect-ratio bucket; None = `resolution` square."""
+    prompts: tuple[str, ...] = ()
+    """Caption-diverse class images: image i is made with `prompts[i % len(prompts)]` (and trains with it,
+    `image_prompts`); empty = `prompt` for every image."""
+
+    def prompt_of(self, index: int) -> str:
+        """The prompt image `index` is made with."""
+        return self.prompts[index % len(self.prompts)] if self.prompts else self.prompt
 
     def __post_init__(self):
         for name in ("num_images", "resolution", "num_inference_steps", "batch_size"):
@@ -183,6 +191,8 @@ def ensure_class_images(
         if not (class_dir / entry["file"]).is_file():
             continue  # deleted by hand: just regenerate it
         differs = [k for k, v in expected.items() if entry.get(k) != v]
+        if entry.get("prompt") != settings.prompt_of(index):
+            differs.append("prompt")
         if entry.get("seed") != settings.seed + index:
             differs.append("seed")
         if differs:
@@ -201,10 +211,9 @@ def ensure_class_images(
 
 
 def _provenance(settings: ClassImageSettings, fingerprint: str) -> dict:
-    """The manifest fields (all but "file" and "seed") an image must match to be reused."""
+    """The manifest fields (all but "file", "prompt" and "seed", which depend on the index) an image must match to be reused."""
     return {
         "model": fingerprint,
-        "prompt": settings.prompt,
         "negative_prompt": settings.negative_prompt,
         "scheduler": settings.scheduler,
         "steps": settings.num_inference_steps,
@@ -225,7 +234,7 @@ def _generate(model_dir, class_dir, settings, expected, kept, missing, load_pipe
             indices = missing[start : start + settings.batch_size]
             images = sampling.generate(
                 pipe,
-                [settings.prompt] * len(indices),
+                [settings.prompt_of(i) for i in indices],
                 [settings.seed + i for i in indices],
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,
@@ -240,9 +249,21 @@ def _generate(model_dir, class_dir, settings, expected, kept, missing, load_pipe
                 data = buf.getvalue()
                 name = f"class_{i:05d}_{hashlib.sha256(data).hexdigest()[:10]}.png"
                 atomic_write_bytes(class_dir / name, data)
-                kept[i] = {"file": name, **expected, "seed": settings.seed + i}
+                kept[i] = {"file": name, **expected, "prompt": settings.prompt_of(i), "seed": settings.seed + i}
             _write_manifest(class_dir, kept)
             bar.update(len(indices))
+
+
+def image_prompts(files: list[Path], default: str) -> list[str]:
+    """The prompt each class image trains with: the one its folder's manifest says it was made with (caption-diverse
+    class images, `ClassImageSettings.prompts`); for the user's own images, a caption file beside it, else `default`."""
+    manifests: dict[Path, dict[str, str]] = {}
+    prompts = []
+    for path in files:
+        if path.parent not in manifests:
+            manifests[path.parent] = {e.get("file"): e.get("prompt") for e in _read_manifest(path.parent)}
+        prompts.append(manifests[path.parent].get(path.name) or read_caption(path) or default)
+    return prompts
 
 
 def _load_pipeline(model_dir, device, dtype):

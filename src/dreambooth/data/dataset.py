@@ -28,6 +28,7 @@ from PIL import Image
 from ..config import ConceptConfig, DataConfig
 from ..errors import DreamBoothError
 from .buckets import Size, check_class_buckets, nearest_bucket
+from .class_images import image_prompts
 from .images import TrainingImage, crop_box, list_images, load_images, read_caption, to_tensor
 
 
@@ -81,11 +82,13 @@ def _read_other_caption(path: Path, data: DataConfig) -> str | None:
 
 
 def class_examples(files_per_concept: list[list[Path]], concepts: list[ConceptConfig], data: DataConfig) -> list[Example]:
-    """Class images (already generated or user-supplied) with their concept's class prompt."""
+    """Class images (already generated or user-supplied), each with the prompt it was made with (its concept's class
+    prompt, or one of its caption-diverse class_prompts) or, for the user's own, its caption file's."""
     examples = []
     for i, (files, concept) in enumerate(zip(files_per_concept, concepts)):
-        examples += [Example(p, concept.class_prompt, image, i)
-                     for p, image in zip(files, load_images(files, data.min_image_size))]
+        prompts = image_prompts(files, concept.class_prompt)
+        examples += [Example(p, prompt, image, i)
+                     for p, prompt, image in zip(files, prompts, load_images(files, data.min_image_size))]
     return examples
 
 

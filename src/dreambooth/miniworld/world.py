@@ -342,15 +342,24 @@ def mixed_aspect_images(name: str, n: int = 5) -> list[Image.Image]:
     return images
 
 
-def write_instance_images(name: str, folder: str | Path, n: int = 5, mixed_aspect: bool = False) -> list[Path]:
+def write_instance_images(name: str, folder: str | Path, n: int = 5, mixed_aspect: bool = False,
+                          captions: bool = False) -> list[Path]:
     """Write subject `name`'s instance images as PNGs (`<name>_00.png`, ...) to `folder`
-    (`mixed_aspect`: in the wide and tall frames of `mixed_aspect_images`)."""
+    (`mixed_aspect`: in the wide and tall frames of `mixed_aspect_images`; `captions`: with a caption file
+    beside each that names its background, "a photo of sks toy on a white background", as a user who
+    captions their photos would, so that the background is said in words instead of bound to the identifier)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(mixed_aspect_images(name, n) if mixed_aspect else instance_images(name, n)):
+    images = mixed_aspect_images(name, n) if mixed_aspect else instance_images(name, n)
+    for i, (img, scene) in enumerate(zip(images, instance_scenes(name, n))):
         path = folder / f"{name}_{i:02d}.png"
         img.save(path)
+        caption_path = path.with_suffix(".txt")
+        if captions:
+            caption_path.write_text(describe(identifier=IDENTIFIER, background=scene.background) + "\n")
+        else:
+            caption_path.unlink(missing_ok=True)  # a folder written with captions before: the concept's prompt again
         paths.append(path)
     return paths
 

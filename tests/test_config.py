@@ -165,6 +165,13 @@ def test_valid_config_validates():
     ({"objective.snr_gamma": 0.0}, ["objective.snr_gamma"]),
     ({"ema.decay": 1.0}, ["ema.decay"]),
     ({"validation.every_n_steps": 50}, ["validation.every_n_steps", "validation.prompts"]),
+    # pivotal tuning
+    ({"train.denoiser_start_step": 10}, ["train.denoiser_start_step", "text_encoder.train", "text_encoder.scope=identifier"]),
+    ({"text_encoder.train": True, "train.max_steps": 100, "train.denoiser_start_step": 100},
+     ["train.denoiser_start_step", "train.max_steps=100"]),
+    ({"text_encoder.train": True, "train.denoiser_start_step": -1}, ["train.denoiser_start_step"]),
+    ({"text_encoder.train": True, "text_encoder.stop_step": 5, "train.denoiser_start_step": 10},
+     ["text_encoder.stop_step=5", "train.denoiser_start_step=10"]),
     # caption-diverse class images
     ({"concept.class_prompts": ["a photo of a red dog"]}, ["concept.class_prompts", "prior.enabled"]),
     ({**PRIOR, "prior.source": "model", "concept.class_prompts": ["a photo of a red dog"]},
@@ -192,6 +199,7 @@ def test_validate_fixes_pass():
     valid(**{"validation.every_n_steps": 50, "validation.prompts": ["a"]}).validate()
     valid(**{"data.resolution": 504}).validate()
     valid(**{**PRIOR, "concept.class_prompts": ["a photo of a red dog", "a photo of a dog on a beach"]}).validate()
+    valid(**{"text_encoder.train": True, "text_encoder.scope": "identifier", "train.denoiser_start_step": 10}).validate()
 
 
 def test_concept_and_concepts_together():

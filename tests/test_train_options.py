@@ -12,7 +12,7 @@ from dreambooth.errors import DreamBoothError
 from dreambooth.tiny import write_photos
 from dreambooth.train import train
 
-from test_train import make_cfg
+from test_train import _final_weights, make_cfg, straight_and_resumed
 
 OPTIONS = {
     "min_snr_v_prediction": dict(objective={"snr_gamma": 5.0, "offset_noise": 0.1}),
@@ -280,3 +280,45 @@ def test_deepspeed_launch_refuses_what_deepspeed_cannot_run(tiny_sd_dir, photos,
     monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
     with pytest.raises(DreamBoothError, match="DeepSpeed .* text_encoder.train=true"):
         train(make_cfg(tiny_sd_dir, photos, tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_denoiser_start_step_trains_the_identifier_first(tiny_sd_dir, photos, tmp_path, monkeypatch, method):
+    """Pivotal tuning (train.denoiser_start_step=2): in steps 1-2 only the identifier's embedding moves, the
+    denoiser's weights (or adapters) stay exactly where they started; from step 3 they train too. A run that
+    crashes inside the first phase and resumes ends bitwise equal to one that did not."""
+    from safetensors.torch import load_file
+
+    settings = dict(train={"max_steps": 4, "denoiser_start_step": 2, "method": method},
+                    text_encoder={"scope": "identifier"}, checkpoint={"every_n_steps": 1, "keep": 10})
+    straight, resumed = straight_and_resumed(tiny_sd_dir, photos, tmp_path, monkeypatch, settings, crash_at=1)
+    assert [resumed.losses[s] for s in (2, 3, 4)] == [straight.losses[s] for s in (2, 3, 4)]
+    a, b = _final_weights(tmp_path / "a", method), _final_weights(tmp_path / "b", method)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    weights = {s: load_file(tmp_path / "a" / "checkpoints" / f"step-{s:06d}" / "trainable.safetensors") for s in (1, 2, 3)}
+    denoiser = [k for k in weights[1] if k.startswith("unet.")]
+    (embedding,) = [k for k in weights[1] if k.startswith("text_encoder.")]
+    assert denoiser
+    if method == "full":
+        base = load_file(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(weights[2][k], base[k.removeprefix("unet.")]) for k in denoiser)
+    else:  # peft starts every lora_B at zero
+        assert all(not weights[2][k].any() for k in denoiser if "lora_B" in k)
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in denoiser)
+    assert not torch.equal(weights[1][embedding], weights[2][embedding])  # the embedding learns alone
+    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in denoiser)  # then the denoiser joins
+
+
+@pytest.mark.parametrize("settings, key", [
+    (dict(train={"denoiser_start_step": 2}, text_encoder={"scope": "identifier"}), "train.denoiser_start_step"),
+    (dict(optim={"fused_backward": True, "max_grad_norm": None}), "optim.fused_backward=true"),
+])
+def test_single_process_settings_refuse_a_distributed_launch(tiny_sd_dir, photos, tmp_path, monkeypatch, settings, key):
+    """Settings that one process only can run are refused, naming the setting, before the model is loaded."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(DreamBoothError, match=re.escape(key) + r".*one process only \(this launch has 2\)"):
+        train(make_cfg(tiny_sd_dir, photos, tmp_path / "o", **settings))
+    assert not (tmp_path / "o" / "class_images").exists()  # refused before any class image was made

@@ -325,6 +325,11 @@ class TrainLoopConfig:
     output_dir: str = _f("outputs/dreambooth", "Where the trained model, samples, checkpoints and logs go.")
     method: Literal["full", "lora"] = _f("full", "full = fine-tune all UNet weights; lora = train low-rank adapters (peft).")
     max_steps: int = _f(400, "Optimizer steps (the blog: ~400 at batch 4 for objects at lr 2e-6).")
+    denoiser_start_step: int = _f(
+        0, "Pivotal tuning: the denoiser (its weights, or its adapters with LoRA) stays frozen until this optimizer "
+        "step, while the trained text encoder - with text_encoder.scope=identifier, the identifier's embedding alone, "
+        "i.e. textual inversion against the base denoiser - learns the subject first; then both train. Counted "
+        "within train.max_steps. 0: everything trains from the start.")
     batch_size: int = _f(1, "Subject images per micro-batch (the same number of class images is added with prior preservation).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     seed: int = _f(0, "Seed for data order, augmentation, noise and timesteps.")
@@ -428,6 +433,19 @@ class TrainConfig:
         _check_choices(self)
         if self.optim.lr <= 0:
             raise DreamBoothError(f"optim.lr must be positive, got {self.optim.lr}")
+        if self.train.denoiser_start_step:
+            if not 0 < self.train.denoiser_start_step < self.train.max_steps:
+                raise DreamBoothError(f"train.denoiser_start_step must be in [0, train.max_steps={self.train.max_steps}), "
+                                      f"got {self.train.denoiser_start_step}")
+            if not self.trains_text_encoder:
+                raise DreamBoothError("train.denoiser_start_step freezes the denoiser while a text encoder learns the "
+                                      "subject first, but none trains: set text_encoder.train=true and "
+                                      "text_encoder.scope=identifier (or leave denoiser_start_step at 0)")
+            early = [f"{name}.stop_step={te.stop_step}" for name, te in self.text_encoders().items()
+                     if te.train and te.stop_step is not None and te.stop_step <= self.train.denoiser_start_step]
+            if early:
+                raise DreamBoothError(f"{early[0]} is not after train.denoiser_start_step={self.train.denoiser_start_step}: "
+                                      "nothing would train in between; raise the stop step or lower the start")
         for name, te in self.text_encoders().items():
             if not te.train and (te.stop_step is not None or te.lr is not None or te.scope != "all" or te.identifier_lr is not None):
                 raise DreamBoothError(f"{name}.lr/identifier_lr/stop_step/scope are set but {name}.train is false: "

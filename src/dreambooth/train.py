@@ -101,6 +101,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise DreamBoothError(f"DeepSpeed (accelerate config) cannot run with {', '.join(clash)}: accelerate prepares "
                                   "one model for DeepSpeed, which also owns precision and the optimizer step. Turn them "
                                   "off (see configs/accelerate/zero2_offload.yaml), or drop DeepSpeed and use --preset low-memory")
+    if cfg.train.denoiser_start_step and accelerator.num_processes > 1:
+        raise DreamBoothError("train.denoiser_start_step freezes the denoiser for the first steps, and distributed "
+                              "data parallelism expects a gradient for every weight it wrapped at every step; it runs "
+                              f"in one process only (this launch has {accelerator.num_processes})")
     if cfg.optim.fused_backward and accelerator.num_processes > 1:
         raise DreamBoothError("optim.fused_backward=true steps each parameter before the gradients are averaged "
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")
@@ -186,6 +190,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     for name, stop in stop_steps.items():
         if start_step >= stop:
             trainable.freeze(name)
+    pivot = cfg.train.denoiser_start_step  # pivotal tuning: the subject goes into the embedding first
+    if start_step < pivot:
+        trainable.freeze(family.denoiser)
 
     # 6. the loop
     logger = Logger(out / "logs", enabled=accelerator.is_main_process, resumed_at=start_step if resume_from else None)
@@ -206,6 +213,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         for name, stop in stop_steps.items():
             if step == stop:
                 trainable.freeze(name)
+        if step == pivot and pivot:
+            trainable.unfreeze(family.denoiser)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
             with accelerator.accumulate(*models):

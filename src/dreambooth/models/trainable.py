@@ -55,10 +55,16 @@ class Trainable:
         return groups
 
     def freeze(self, module: str) -> None:
-        """Stop training `module` (a text encoder's stop_step): no grads, so the optimizer skips it."""
+        """Stop training `module` (a text encoder's stop_step, the denoiser before train.denoiser_start_step): no
+        grads, so the optimizer skips it - no update, no weight decay, no moment statistics."""
         for p in self.params.get(module, {}).values():
             p.requires_grad_(False)
             p.grad = None
+
+    def unfreeze(self, module: str) -> None:
+        """Train `module` again (the denoiser at train.denoiser_start_step)."""
+        for p in self.params.get(module, {}).values():
+            p.requires_grad_(True)
 
 
 def trained_module_names(comps: Components, text_encoders: dict[str, TextEncoderConfig]) -> list[str]:

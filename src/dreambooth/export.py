@@ -121,7 +121,7 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         f"- method: {cfg.train.method}" + (f" (rank {cfg.lora.rank}, alpha {cfg.lora.alpha})" if cfg.train.method == "lora" else ""),
         f"- steps: {result.steps} at batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation, "
         f"resolution {cfg.data.resolution}" + (f"; the denoiser frozen for the first {cfg.train.denoiser_start_step} "
-                                               "(pivotal tuning)" if cfg.train.denoiser_start_step else ""),
+                                               "steps (pivotal tuning)" if cfg.train.denoiser_start_step else ""),
         f"- optimizer: {cfg.optim.optimizer}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scheduler}, {cfg.optim.warmup_steps} warmup)",
         "- text encoders trained: " + (", ".join(_text_encoder_note(name, te, cfg.optim.lr)
                                                   for name, te in cfg.text_encoders().items() if te.train) or "none"),

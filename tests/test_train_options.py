@@ -286,11 +286,13 @@ def test_deepspeed_launch_refuses_what_deepspeed_cannot_run(tiny_sd_dir, photos,
 def test_denoiser_start_step_trains_the_identifier_first(tiny_sd_dir, photos, tmp_path, monkeypatch, method):
     """Pivotal tuning (train.denoiser_start_step=2): in steps 1-2 only the identifier's embedding moves, the
     denoiser's weights (or adapters) stay exactly where they started; from step 3 they train too. A run that
-    crashes inside the first phase and resumes ends bitwise equal to one that did not."""
+    crashes inside the first phase and resumes ends bitwise equal to one that did not. LoRA runs with the model
+    prior, whose frozen base is the same denoiser with its adapters switched off and on again every step."""
     from safetensors.torch import load_file
 
     settings = dict(train={"max_steps": 4, "denoiser_start_step": 2, "method": method},
-                    text_encoder={"scope": "identifier"}, checkpoint={"every_n_steps": 1, "keep": 10})
+                    text_encoder={"scope": "identifier"}, checkpoint={"every_n_steps": 1, "keep": 10},
+                    **({"prior": {"source": "model"}} if method == "lora" else {}))
     straight, resumed = straight_and_resumed(tiny_sd_dir, photos, tmp_path, monkeypatch, settings, crash_at=1)
     assert [resumed.losses[s] for s in (2, 3, 4)] == [straight.losses[s] for s in (2, 3, 4)]
     a, b = _final_weights(tmp_path / "a", method), _final_weights(tmp_path / "b", method)

@@ -168,7 +168,7 @@ def test_valid_config_validates():
     # pivotal tuning
     ({"train.denoiser_start_step": 10}, ["train.denoiser_start_step", "text_encoder.train", "text_encoder.scope=identifier"]),
     ({"text_encoder.train": True, "train.max_steps": 100, "train.denoiser_start_step": 100},
-     ["train.denoiser_start_step", "train.max_steps=100"]),
+     ["train.denoiser_start_step", "train.max_steps=100", "0 to turn pivotal tuning off"]),
     ({"text_encoder.train": True, "train.denoiser_start_step": -1}, ["train.denoiser_start_step"]),
     ({"text_encoder.train": True, "text_encoder.stop_step": 5, "train.denoiser_start_step": 10},
      ["text_encoder.stop_step=5", "train.denoiser_start_step=10"]),

@@ -265,20 +265,22 @@ def test_evaluation_samples_each_base_with_its_sampler(tmp_path):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "if"])
 def test_the_demo_default_trains_every_family(tmp_path, family):
-    """`dreambooth demo --family F`'s recipe runs on each miniature base: the bar's default for SD and SDXL (the
-    identifier's embedding in every text encoder, the class prompt from the frozen base, knowledge preservation on
-    world captions), the paper's for IF."""
+    """`dreambooth demo --family F`'s recipe runs on each miniature base: the bar's default for SD (the identifier's
+    embedding, learned alone for the first quarter of the steps, the class prompt from the frozen base, knowledge
+    preservation on world captions), the earlier default for SDXL (no pivot; the embedding in both text encoders),
+    the paper's for IF. `--steps 8` keeps the pivot's share (2 steps)."""
     from dreambooth.miniworld.demo import demo_config, family_overrides
     from dreambooth.miniworld.evaluate import BASES
     from dreambooth.train import train
 
     world.write_instance_images("banded_heart", tmp_path / "instance_images")
-    overrides = {**family_overrides(family), "train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2,
+    overrides = {**family_overrides(family, steps=8), "prior.num_class_images": 2, "prior.batch_size": 2,
                  "prior.num_inference_steps": 2}
     cfg = demo_config(tmp_path, "banded_heart", BASES[family], overrides)
     default = family != "if"  # the IF demo keeps the paper's recipe (demo.PAPER_FOR_IF)
     assert (cfg.prior.source == "model" and cfg.prior.preserve_weight > 0) == default
     assert all((te.scope == "identifier") == default for te in cfg.text_encoders().values() if te.train)
+    assert (cfg.train.max_steps, cfg.train.denoiser_start_step) == (8, 2 if family == "sd" else 0)
     result = train(cfg)
-    assert result.steps == 2 and all(v == v for v in result.losses.values())
+    assert result.steps == 8 and all(v == v for v in result.losses.values())
     assert (tmp_path / "class_images").exists() == (not default)  # the base as the prior makes no class images

@@ -142,12 +142,21 @@ def test_every_bar_candidate_builds_a_valid_config(tmp_path):
 
 
 def test_the_demo_default_is_the_measured_candidate(tmp_path):
-    """The demo trains what the bar measured: the paper's recipe plus the default candidate's changes."""
+    """The demo trains what the bar measured: the paper's recipe plus the default candidate's changes, and with
+    --lora the LoRA candidate's (whose text side is the earlier default's: LORA_CHANGES undoes the pivot)."""
+    from dataclasses import asdict
+
     from dreambooth.miniworld import demo
 
     assert experiments.BAR_CANDIDATES[experiments.DEFAULT_CANDIDATE] == demo.DEFAULT_CHANGES
     assert demo.DEMO_SETTINGS == {**demo.PAPER_SETTINGS, **demo.DEFAULT_CHANGES}
-    assert experiments.BAR_CANDIDATES[experiments.LORA_CANDIDATE] == {**demo.DEFAULT_CHANGES, **demo.LORA_CHANGES}
+
+    def trained(overrides, recipe=None):
+        return asdict(demo.demo_config(tmp_path, overrides=overrides, recipe=recipe).validate())
+
+    lora = experiments.BAR_CANDIDATES[experiments.LORA_CANDIDATE]
+    assert trained(demo.family_overrides(lora=True)) == trained(lora, recipe=demo.PAPER_SETTINGS)
+    assert trained({}) != trained(lora, recipe=demo.PAPER_SETTINGS)
     assert demo.family_overrides("sd", lora=True) == demo.LORA_CHANGES
     with pytest.raises(DreamBoothError, match="sd base only"):  # SDXL cannot load the identifier beside a LoRA
         demo.family_overrides("sdxl", lora=True)

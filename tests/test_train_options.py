@@ -151,10 +151,13 @@ def test_object_preset_trains_the_identifier_with_the_base_as_prior(tiny_sd_dir,
     layer = {"preset": "object", "model": {"path": str(tiny_sd_dir)}, "data": {"resolution": 32, "min_size": 16},
              "concept": {"instance_dir": str(photos), "instance_prompt": "a photo of sks dog"},
              "train": {"max_steps": 2, "output_dir": str(tmp_path / "o")}}
+    assert build_config({"preset": "object"}).train.denoiser_start_step == 100  # pivotal tuning, shortened below
+    layer["train"]["denoiser_start_step"] = 1
     with pytest.raises(DreamBoothError, match="class_prompt"):  # the base as prior needs the class named
         build_config(layer).validate()
     cfg = build_config(layer, {"concept": {"class_prompt": "a photo of a dog"}})
     assert (cfg.text_encoder.scope, cfg.prior.source, cfg.optim.lr) == ("identifier", "model", 2e-6)
+    assert cfg.text_encoder.resolved_identifier_lr == 1e-3
     result = train(cfg)
     assert result.steps == 2 and not (tmp_path / "o" / "class_images").exists()
 

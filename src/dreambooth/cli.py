@@ -150,9 +150,7 @@ def cmd_demo(args) -> None:
     from .miniworld.demo import demo, family_overrides
     from .miniworld.evaluate import BASES
 
-    overrides = family_overrides(args.family, args.no_prior, args.lora)
-    if args.steps is not None:
-        overrides["train.max_steps"] = args.steps
+    overrides = family_overrides(args.family, args.no_prior, args.lora, steps=args.steps)
     output_dir = args.output_dir or "outputs/miniworld-demo" + ("" if args.family == "sd" else f"-{args.family}")
     demo(output_dir, subject=args.subject, base_dir=BASES[args.family], overrides=overrides, n_eval=args.n, seed=args.seed)
 
@@ -312,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="sd", choices=["sd", "sdxl", "if"],
                    help="which miniature base: sd (one CLIP encoder), sdxl (two encoders, pooled embedding, size/crop ids) "
                    "or if (DeepFloyd IF stage I: pixel space, T5 encoder, learned-variance UNet)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps in all (default: the demo recipe's); its embedding-only first steps keep their share")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation of any kind (to see language drift and forgetting)")
     p.add_argument("--lora", action="store_true", help="the measured LoRA default instead (sd only): rank-8 adapters on "
                    "every layer of the UNet's attention blocks and resnets at lr 1e-3 for 700 steps, the identifier's embedding "

@@ -436,7 +436,8 @@ class TrainConfig:
         if self.train.denoiser_start_step:
             if not 0 < self.train.denoiser_start_step < self.train.max_steps:
                 raise DreamBoothError(f"train.denoiser_start_step must be in [0, train.max_steps={self.train.max_steps}), "
-                                      f"got {self.train.denoiser_start_step}")
+                                      f"got {self.train.denoiser_start_step} (the object preset sets 100 of 500): lower it, "
+                                      "0 to turn pivotal tuning off, or raise train.max_steps")
             if not self.trains_text_encoder:
                 raise DreamBoothError("train.denoiser_start_step freezes the denoiser while a text encoder learns the "
                                       "subject first, but none trains: set text_encoder.train=true and "

@@ -104,7 +104,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.train.denoiser_start_step and accelerator.num_processes > 1:
         raise DreamBoothError("train.denoiser_start_step freezes the denoiser for the first steps, and distributed "
                               "data parallelism expects a gradient for every weight it wrapped at every step; it runs "
-                              f"in one process only (this launch has {accelerator.num_processes})")
+                              f"in one process only (this launch has {accelerator.num_processes}); set "
+                              "--train.denoiser_start_step 0 (the object preset sets 100) or launch one process")
     if cfg.optim.fused_backward and accelerator.num_processes > 1:
         raise DreamBoothError("optim.fused_backward=true steps each parameter before the gradients are averaged "
                               f"across processes; it runs in one process only (this launch has {accelerator.num_processes})")

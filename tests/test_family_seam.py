@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from dreambooth.config import build_config
 from dreambooth.models import load
 from dreambooth.models.family import Components
+from dreambooth.schedule import DDPMSchedule
 from dreambooth.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dreambooth"
@@ -67,8 +68,10 @@ class PixelTwoEncoderFamily:
         modules = {"unet": unet, "text_encoder": BagOfWords(4), "text_encoder_2": BagOfWords(8)}
         for module in modules.values():
             module.requires_grad_(False)
-        scheduler = DDPMScheduler(num_train_timesteps=1000)
-        return Components(Path(model_dir), self, modules, {}, scheduler, scheduler)
+        return Components(Path(model_dir), self, modules, {}, self.schedule(model_dir), DDPMScheduler(num_train_timesteps=1000))
+
+    def schedule(self, model_dir):
+        return DDPMSchedule(DDPMScheduler(num_train_timesteps=1000))
 
     def encode_prompt(self, comps, prompts):
         return {"states": torch.cat([comps.modules["text_encoder"](prompts), comps.modules["text_encoder_2"](prompts)], -1)}

@@ -153,7 +153,7 @@ def test_committed_base_is_an_ordinary_sd_folder():
     from dreambooth.models.load import load_components
 
     comps = load_components(ASSETS / "base")
-    assert comps.family.name == "sd" and comps.prediction_type == "epsilon"
+    assert comps.family.name == "sd" and comps.schedule.prediction_type == "epsilon"
     assert len(comps.tokenizer) == 49408 and comps.tokenizer.convert_tokens_to_ids("sks</w>") == 48136
     assert comps.tokenizer.model_max_length == comps.text_encoder.config.max_position_embeddings == 16
     assert comps.unet.dtype == comps.text_encoder.dtype == comps.vae.dtype == torch.float32

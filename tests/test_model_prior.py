@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth import objective
-from dreambooth.config import LoRAConfig, TextEncoderConfig
+from dreambooth.config import LoRAConfig, ObjectiveConfig, TextEncoderConfig
 from dreambooth.data.dataset import DreamBoothData, class_prompt_twins, subject_examples
 from dreambooth.errors import DreamBoothError
 from dreambooth.models.frozen_base import FrozenBase
 from dreambooth.models.load import detect_family
 from dreambooth.models.trainable import setup_trainable
+from dreambooth.schedule import DDPMSchedule
 from dreambooth.train import train
 
 from test_train import make_cfg, straight_and_resumed
@@ -72,15 +73,15 @@ def test_distilled_target_is_the_base_models_prediction(tiny_sd_dir, method):
     state = g.get_state()
     cond = family.conditioning(comps, family.encode_prompt(comps, prompts), batch, x0, g)
     distilled = torch.tensor([False, True])
-    per_sample = objective.diffusion_loss(lambda x, t: family.predict(comps, x, t, cond), comps.noise_scheduler, x0,
-                                          torch.Generator().manual_seed(5), teacher=base.predictor(batch, x0, cond, state),
-                                          distilled=distilled)
+    per_sample = objective.diffusion_loss(lambda x, t: family.predict(comps, x, t, cond), comps.schedule, x0,
+                                          torch.Generator().manual_seed(5), ObjectiveConfig(),
+                                          teacher=base.predictor(batch, x0, cond, state), distilled=distilled)
 
     # by hand: the same noise and timesteps, the base model's own text encoder and UNet
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
-    noisy = comps.noise_scheduler.add_noise(x0, noise, t)
+    noisy = comps.schedule.scheduler.add_noise(x0, noise, t)
     with torch.no_grad():
         prediction = family.predict(comps, noisy, t, cond)
         base_text = family.encode_prompt(reference, prompts)
@@ -130,7 +131,7 @@ def test_full_fine_tune_copies_only_the_trained_modules(tiny_sd_dir):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_x0_and_eps_invert_the_noising(prediction_type):
+def test_x0_and_noise_invert_the_noising(prediction_type):
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
@@ -138,7 +139,7 @@ def test_x0_and_eps_invert_the_noising(prediction_type):
     x0, eps, t = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g), torch.tensor([0, 500, 999])
     noisy = sched.add_noise(x0, eps, t)
     prediction = eps if prediction_type == "epsilon" else sched.get_velocity(x0, eps, t)
-    got_x0, got_eps = objective.x0_and_eps(sched, noisy, t, prediction)
+    got_x0, got_eps = DDPMSchedule(sched).x0_and_noise(noisy, t, prediction)
     torch.testing.assert_close(got_eps, eps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_x0[1:], x0[1:], rtol=1e-3, atol=1e-3)  # t = 0 divides by a_t ~ 1: exact too
     torch.testing.assert_close(got_x0[:1], x0[:1], rtol=1e-3, atol=1e-3)
@@ -157,7 +158,8 @@ def test_base_samples_are_ddim_steps_by_hand():
         return fixed.expand_as(x) + 0.1 * x  # depends on x, so the second step's input matters
 
     rows = torch.tensor([False, True, True])
-    got = objective.base_samples(teacher, sched, torch.Size((3, 4, 2, 2)), rows, torch.Generator().manual_seed(4), steps=2)
+    got = objective.base_samples(teacher, DDPMSchedule(sched), torch.Size((3, 4, 2, 2)), rows,
+                                 torch.Generator().manual_seed(4), steps=2)
     x = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(4))
     abar = sched.alphas_cumprod
     for i, t in enumerate((999, 499)):

@@ -13,7 +13,7 @@ from dreambooth.config import build_config
 from dreambooth.data.dataset import DreamBoothData, subject_examples
 from dreambooth.errors import DreamBoothError
 from dreambooth.models.load import load_components
-from dreambooth.monitor import DriftMonitor, spread_timesteps
+from dreambooth.monitor import DriftMonitor
 from dreambooth.train import train
 
 from test_train import _final_weights, make_cfg, straight_and_resumed
@@ -25,8 +25,9 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_timesteps_spread_over_the_schedule():
-    assert spread_timesteps(4, 1000) == [125, 375, 625, 875]
+def test_timesteps_spread_over_the_schedule(tiny_sd_dir):
+    schedule = load_components(tiny_sd_dir).schedule  # the probe's timesteps come from the model's own schedule
+    assert schedule.probe_t(4).tolist() == [125, 375, 625, 875]
 
 
 def test_probe_is_fixed_and_the_base_has_no_drift(tiny_sd_dir, photos, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,8 +262,43 @@ class ExportConfig:
 
 @dataclass
 class ObjectiveConfig:
-    snr_gamma: Optional[float] = _f(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. null = off.")
-    offset_noise: float = _f(0.0, "Offset noise strength (adds a per-channel constant to the noise; helps very dark/bright images).")
+    # The model's noise schedule (schedule.py) decides which of these apply: a setting another
+    # schedule's models read is refused once the model folder is known (models.load.check_settings).
+    snr_gamma: Optional[float] = _f(None, "DDPM models: Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. null = off.")
+    offset_noise: float = _f(0.0, "DDPM models: offset noise strength (adds a per-channel constant to the noise; helps very dark/bright images).")
+    timestep_density: Literal["logit_normal", "mode", "uniform"] = _f(
+        "logit_normal", "Rectified-flow models (SD3, FLUX.1): how each sample's noise level s in (0, 1) is drawn. "
+        "logit_normal: sigmoid of N(logit_mean, logit_std), most samples at middle noise levels (SD3's choice, Esser "
+        "et al. 2024); mode: mode_scale moves weight to the middle (> 0) or the ends (< 0); uniform.")
+    logit_mean: float = _f(0.0, "Rectified flow, timestep_density=logit_normal: the normal's mean (> 0 draws more noise).")
+    logit_std: float = _f(1.0, "Rectified flow, timestep_density=logit_normal: the normal's standard deviation.")
+    mode_scale: float = _f(1.29, "Rectified flow, timestep_density=mode: the scale s in [-1, 2 / (pi - 2)] (SD3's 1.29).")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = _f(
+        "none", "Rectified-flow models: per-sample loss weight of noise level s: none; sigma_sqrt, 1 / s^2; cosmap, "
+        "2 / (pi (1 - 2s + 2s^2)) (as diffusers' SD3 scripts).")
+    shift: Optional[float] = _f(
+        None, "Rectified-flow models: shift the training noise levels, s -> shift s / (1 + (shift - 1) s) (> 1: more "
+        "noise). Default: the model's own, its scheduler config's shift, or the resolution-dependent shift its "
+        "use_dynamic_shifting asks for. Sampling always uses the model's own.")
+
+    def changed(self, names: tuple[str, ...]) -> list[str]:
+        """Those of the fields `names` that differ from their defaults."""
+        return [f.name for f in dataclasses.fields(self) if f.name in names and getattr(self, f.name) != f.default]
+
+    def check(self) -> None:
+        """This section's own consistency (which settings the model's schedule reads is checked with the model)."""
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise DreamBoothError(f"objective.snr_gamma must be positive (5.0 is the paper's value), got {self.snr_gamma}")
+        if self.logit_std <= 0:
+            raise DreamBoothError(f"objective.logit_std must be positive (1.0 is SD3's), got {self.logit_std}")
+        if not -1 <= self.mode_scale <= 2 / (math.pi - 2):  # outside, the mode density's map of [0, 1) is not monotone
+            raise DreamBoothError(f"objective.mode_scale must be in [-1, {2 / (math.pi - 2):.3f}] (1.29 is SD3's), got {self.mode_scale}")
+        if self.shift is not None and self.shift <= 0:
+            raise DreamBoothError(f"objective.shift must be positive (3.0 is SD3's), got {self.shift}")
+        for name, density in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
+            if self.changed((name,)) and self.timestep_density != density:
+                raise DreamBoothError(f"objective.{name} is set but objective.timestep_density={self.timestep_density}: "
+                                      f"it shapes timestep_density={density}; set that, or remove objective.{name}")
 
 
 @dataclass
@@ -476,8 +512,7 @@ class TrainConfig:
                                   "(each step sees a different crop); turn the augmentation off or the cache off")
         if not 0 <= self.lora.dropout < 1:
             raise DreamBoothError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
-        if self.objective.snr_gamma is not None and self.objective.snr_gamma <= 0:
-            raise DreamBoothError(f"objective.snr_gamma must be positive (5.0 is the paper's value), got {self.objective.snr_gamma}")
+        self.objective.check()
         if not 0 <= self.ema.decay < 1:
             raise DreamBoothError(f"ema.decay must be in [0, 1) (0.999 is a usual cap), got {self.ema.decay}")
         if self.optim.fused_backward:

@@ -1,9 +1,10 @@
 """A cheap, model-agnostic drift signal: the denoising loss on a fixed probe, against the base's.
 
 The probe is a fixed set of (clean image, prompt, noise, timestep) triples, built once at the start
-of a run from its own seeded generator: its timesteps are spread evenly over the noise schedule,
-its noise and latent samples never come from the training generators, and the modules are in eval
-mode while it runs (no dropout draws), so turning it on leaves training bit for bit unchanged.
+of a run from its own seeded generator: its timesteps are spread evenly over the noise levels of the
+model's schedule (`NoiseSchedule.probe_t`), its noise and latent samples never come from the
+training generators, and the modules are in eval mode while it runs (no dropout draws), so turning
+it on leaves training bit for bit unchanged.
 
 Two probes, each measured as the mean `objective.denoising_loss` over its triples:
 
@@ -57,19 +58,14 @@ class Probe:
     seeds: list[int]  # per-item seed for noise the conditioning itself draws (IF stage II)
 
 
-def spread_timesteps(n: int, num_train_timesteps: int) -> list[int]:
-    """`n` timesteps at the centres of n equal slices of [0, T): 1000 steps, n = 4 -> 125, 375, 625, 875."""
-    return [int((i + 0.5) * num_train_timesteps / n) for i in range(n)]
-
-
 def build_probe(comps: Components, examples: list[Example], sizes: list[tuple[int, int]], kind: str, size: int,
                 seed: int) -> Probe:
     """`size` triples over `examples` (each with its prompt, at its (height, width)), evenly spaced through them."""
     generator = torch.Generator().manual_seed(seed)  # the probe's own stream
     device = module_device(comps.denoiser)
-    steps = spread_timesteps(size, comps.noise_scheduler.config.num_train_timesteps)
+    steps = comps.schedule.probe_t(size)  # (size,) spread evenly over the noise levels
     probe = Probe([], [], [], [], [], [])
-    for i, t in enumerate(steps):
+    for i in range(size):
         index = i * len(examples) // size if size <= len(examples) else i % len(examples)
         image = to_tensor(examples[index].image, sizes[index], center_crop=True)  # no augmentation draw
         with torch.no_grad():
@@ -78,7 +74,7 @@ def build_probe(comps: Components, examples: list[Example], sizes: list[tuple[in
         probe.prompts.append(examples[index].prompt)
         probe.x0.append(x0)
         probe.noise.append(objective.sample_noise(x0.shape, generator).to(device))
-        probe.timesteps.append(torch.tensor([t], device=device))
+        probe.timesteps.append(steps[i : i + 1].to(device))
         probe.batches.append(Batch([examples[index]], torch.tensor([kind == "class"]), None, [(kind, index)],
                                    [image.original_size], [image.crop_top_left], tuple(image.pixels.shape[1:])))
         probe.seeds.append(seed * 1_000_003 + i)
@@ -101,7 +97,7 @@ def probe_loss(comps: Components, probe: Probe, texts: dict[str, dict[str, torch
             text = {k: v.to(x0.device) for k, v in text.items()}
             cond = comps.family.conditioning(comps, text, probe.batches[i], x0, torch.Generator().manual_seed(probe.seeds[i]))
             per_sample = objective.denoising_loss(lambda noisy, t: comps.family.predict(comps, noisy, t, cond),
-                                                  comps.noise_scheduler, x0, probe.noise[i], probe.timesteps[i])
+                                                  comps.schedule, x0, probe.noise[i], probe.timesteps[i])
             losses.append(per_sample.item())
     finally:
         for m, training in modes:

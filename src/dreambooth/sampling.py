@@ -1,94 +1,55 @@
 """Inference helpers: pick a scheduler, render seeded images in batches, tile them into a grid.
 
 Used by validation during training, by class-image generation (prior preservation) and by
-`dreambooth sample`. Everything here works with any diffusers text-to-image pipeline (SD 1.x/2.x
-now, SDXL later) because it passes only the call arguments those pipelines share.
+`dreambooth sample`. Everything here works with any diffusers text-to-image pipeline (SD 1.x/2.x,
+SDXL, IF, SD3) because it passes only the call arguments those pipelines share.
 """
 
 import inspect
 import math
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth.errors import DreamBoothError
+from dreambooth.schedule import DDPM_SAMPLERS, sampler_for
 
-SCHEDULERS: dict[str, type] = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "lms": LMSDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "ddpm": DDPMScheduler,
-}
-"""Sampler names accepted in configs and on the command line, mapped to diffusers classes."""
-
-# Settings that make a class behave as the sampler its name promises, whatever the base config
-# says. DPMSolverMultistepScheduler also implements plain DPM-Solver and the SDE variants. PNDM
-# without skip_prk_steps runs Runge-Kutta warm-up steps that fail below ~5 steps and are not what
-# Stable Diffusion ships (its scheduler_config.json sets skip_prk_steps: true, i.e. PLMS).
-_OVERRIDES: dict[str, dict] = {
-    "dpm++": {"algorithm_type": "dpmsolver++"},
-    "pndm": {"skip_prk_steps": True},
-}
+SCHEDULERS: dict[str, type] = DDPM_SAMPLERS
+"""Sampler names accepted in configs and on the command line (config.Sampler), mapped to DDPM models' diffusers
+classes; a rectified-flow model accepts its own few of them (schedule.FLOW_SAMPLERS)."""
 
 
-def make_scheduler(name: str, base_config) -> SchedulerMixin:
-    """Build the sampler called `name` from a model's scheduler config.
+def make_scheduler(name: str, base_config, flag: str = "scheduler") -> SchedulerMixin:
+    """Build the sampler called `name` from a model's scheduler config, through the model's noise schedule
+    (`schedule.sampler_for`): DDPM models take any of `SCHEDULERS`, rectified-flow models their flow samplers.
 
-    Building from the model's own config keeps what the model was trained with (betas,
-    `prediction_type`, timestep spacing); only the sampling algorithm changes.
+    Building from the model's own config keeps what the model was trained with (betas, prediction
+    type, timestep spacing, shift); only the sampling algorithm changes.
 
     Args:
         name (str): One of `SCHEDULERS`' keys, e.g. "dpm++".
         base_config: The model's scheduler config, usually `pipe.scheduler.config`.
+        flag (str): The setting that named the sampler, for the error message.
 
     Returns:
         SchedulerMixin: A fresh scheduler instance.
 
     Raises:
-        DreamBoothError: If `name` is unknown, or its class needs a package that is not installed.
+        DreamBoothError: If `name` is unknown or not a sampler for this kind of model, or its class
+            needs a package that is not installed.
 
     Examples:
         >>> make_scheduler("euler", pipe.scheduler.config).config.prediction_type
         'epsilon'
     """
-    if name not in SCHEDULERS:
-        raise DreamBoothError(
-            f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}"
-        )
-    if base_config.get("variance_type") in ("learned", "learned_range") and \
-            "variance_type" not in inspect.signature(SCHEDULERS[name].__init__).parameters:
-        # A model with a learned variance (DeepFloyd IF) under a sampler that cannot use it: the
-        # pipelines drop the variance half of the output only when the config says it is not learned
-        # (from_config keeps a key the class does not take, so it is replaced in the config itself).
-        base_config = {**base_config, "variance_type": "fixed_small"}
-    try:
-        return SCHEDULERS[name].from_config(base_config, **_OVERRIDES.get(name, {}))
-    except ImportError as err:
-        # diffusers swaps classes with missing extras (LMS needs scipy) for stubs that raise here.
-        raise DreamBoothError(
-            f"scheduler {name!r} needs a package that is not installed ({' '.join(str(err).split())}); "
-            "install it, "
-            f"or choose another of: {', '.join(n for n in SCHEDULERS if n != name)}"
-        ) from err
+    return sampler_for(base_config, name, flag)
 
 
-def set_scheduler(pipe, name: str) -> None:
+def set_scheduler(pipe, name: str, flag: str = "scheduler") -> None:
     """Replace `pipe.scheduler` with the sampler called `name`, built from the current config."""
-    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config, flag)
 
 
 def generate(

@@ -229,11 +229,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                     distilled = objective.distilled_samples(batch.is_prior, batch.is_preserve, cfg.prior.source == "model")
                     if distilled is not None:  # their clean inputs: the base's own samples for their prompts
                         x0 = x0.clone()
-                        x0[distilled] = objective.base_samples(teacher, comps.noise_scheduler, x0.shape, distilled, generator,
+                        x0[distilled] = objective.base_samples(teacher, comps.schedule, x0.shape, distilled, generator,
                                                                cfg.prior.base_sample_steps, x0.device).to(x0.dtype)
                     per_sample = objective.diffusion_loss(lambda noisy, t: family.predict(comps, noisy, t, cond),
-                                                          comps.noise_scheduler, x0, generator, cfg.objective.snr_gamma,
-                                                          cfg.objective.offset_noise, teacher, distilled)  # (N,)
+                                                          comps.schedule, x0, generator, cfg.objective, teacher,
+                                                          distilled)  # (N,)
                     loss = objective.combine(per_sample, batch.is_prior, cfg.prior.loss_weight, batch.is_preserve,
                                              cfg.prior.preserve_weight)
                 with timer.phase("backward"):

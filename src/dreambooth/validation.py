@@ -11,7 +11,7 @@ import torch
 
 from .files import atomic_write_text
 from .config import ValidationConfig
-from .sampling import generate, image_grid, make_scheduler
+from .sampling import generate, image_grid
 
 log = logging.getLogger("dreambooth")
 
@@ -78,7 +78,8 @@ def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, 
     was_training = [(m, m.training) for m in comps.modules.values()]
     for m, _ in was_training:
         m.eval()
-    pipe = comps.family.pipeline(comps, scheduler=make_scheduler(vcfg.scheduler, comps.inference_scheduler.config))
+    sampler = comps.schedule.sampler(vcfg.scheduler, comps.inference_scheduler.config, "validation.scheduler")
+    pipe = comps.family.pipeline(comps, scheduler=sampler)
     prompts = [p for p in vcfg.prompts for _ in range(vcfg.num_images)]
     seeds = [vcfg.seed + i for _ in vcfg.prompts for i in range(vcfg.num_images)]
     inputs = comps.family.sample_inputs(comps, photos or [], len(prompts))

@@ -227,7 +227,7 @@ def _provenance(settings: ClassImageSettings, fingerprint: str) -> dict:
 def _generate(model_dir, class_dir, settings, expected, kept, missing, load_pipeline, device, dtype):
     """Generate the `missing` indices batch by batch, saving files and manifest after each."""
     pipe = load_pipeline() if load_pipeline is not None else _load_pipeline(model_dir, device, dtype)
-    sampling.set_scheduler(pipe, settings.scheduler)
+    sampling.set_scheduler(pipe, settings.scheduler, "prior.scheduler")  # through the schedule its config records
     logger.info("generating %d class images in %s", len(missing), class_dir)
     with tqdm(total=len(missing), desc="class images", unit="img") as bar:
         for start in range(0, len(missing), settings.batch_size):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..schedule import DDPMSchedule
 from .family import Components, load_part, module_device, own_scheduler
 from .sd import lora_layers, pipeline_usage, unet_predict
 
@@ -81,16 +82,18 @@ class _IFBase:
         text_encoder = load_part("text_encoder", model_dir / "text_encoder",
                                  lambda: T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder"))
         unet = load_part("unet", model_dir / "unet", lambda: UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"))
-        noise_scheduler = load_part("scheduler", model_dir / "scheduler",
-                                    lambda: DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"))
+        schedule = load_part("scheduler", model_dir / "scheduler", lambda: self.schedule(model_dir))
         inference_scheduler = fixed_variance(load_part("scheduler", model_dir / "scheduler", lambda: own_scheduler(model_dir)))
         extras = {name: load_part(name, model_dir / name, lambda n=name: DDPMScheduler.from_pretrained(model_dir, subfolder=n))
                   for name in self.stage_parts}
         modules = {"unet": unet, "text_encoder": text_encoder}
         for module in modules.values():
             module.requires_grad_(False)
-        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, noise_scheduler, inference_scheduler,
+        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, schedule, inference_scheduler,
                           extras=extras)
+
+    def schedule(self, model_dir: Path) -> DDPMSchedule:
+        return DDPMSchedule.from_folder(model_dir)
 
     def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts -> prompt_embeds (N, 77, D): T5's last hidden states, padding masked inside T5."""

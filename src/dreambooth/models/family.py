@@ -4,7 +4,7 @@ never branch on a family (k-diffusion's `external.py` wrappers are the pattern: 
 the model, the loss knows only `predict`).
 
 A family is a plain object that follows the `ModelFamily` Protocol; there is no base class to
-inherit from (torchtune's rule). One module per family: `sd.py`, `sdxl.py`. A family owns:
+inherit from (torchtune's rule). One module per family: `sd.py`, `sdxl.py`, `deepfloyd_if.py`. A family owns:
 
 - the folder: which parts it must have (`parts`), its pipeline class names, and `load` into
   `Components`, a mapping of named modules in which a module may be absent (IF has no VAE);
@@ -18,19 +18,20 @@ inherit from (torchtune's rule). One module per family: `sd.py`, `sdxl.py`. A fa
 - `predict(comps, noisy, timesteps, cond)`: the denoiser's output in the objective's target space
   (IF stage I keeps the epsilon half of its learned-variance output);
 - `pipeline`: the diffusers pipeline for validation and sampling over the training modules;
-- `save_lora`, `usage` (the model card's snippet) and what `export` writes.
+- `save_lora`, `usage` (the model card's snippet) and what `export` writes;
+- `schedule(model_dir)`: the training noise schedule (`schedule.py`: DDPM, or rectified flow), built
+  from the folder's scheduler config before any weight loads; `objective.py`, the drift probe and
+  the model prior ask it for timesteps, noisy inputs, targets and weights, and validation, class
+  images and `sample` for their samplers.
 
-Checked on paper against a flow-matching transformer family (SD3, Flux), which must fit without a
-change to the loop:
+A flow-matching transformer family (SD3, Flux) fits without a change to the loop, the objective or
+the exporter; tests/flow_family.py is one (a tiny SD3):
 - its denoiser is a transformer: `denoiser = "transformer"`, and `predict` calls it with its own
   keyword names (`hidden_states`, `encoder_hidden_states`, `pooled_projections`, `timestep`);
-- its three text encoders (two CLIP, one T5) are `text_encoders`; `encode_prompt` returns the
-  joint sequence and the pooled vector, as SDXL's does;
-- its target (velocity eps - x0) and noising (x_t = (1 - s) x0 + s eps) are diffusion maths, so
-  they go in `objective.py`, selected by the noise schedule's `prediction_type` ("flow"), next to
-  epsilon and v; the family's `load` supplies that schedule as `noise_scheduler`;
-- its timestep density (logit-normal, mode sampling) is an objective setting
-  (`objective.timestep_density`), drawn in `objective.sample_timesteps`, not a loop change;
+- its text encoders (two CLIP, one T5) are `text_encoders`; `encode_prompt` returns the joint
+  sequence and the pooled vector, as SDXL's does;
+- its schedule is a `FlowMatchSchedule` (x_t = (1 - s) x0 + s eps, target eps - x0; the timestep
+  density, loss weighting and shift are `objective` settings);
 - its VAE has a shift as well as a scale, which `latents_from` applies.
 """
 
@@ -38,9 +39,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..schedule import NoiseSchedule
 
 
 @dataclass
@@ -51,7 +55,7 @@ class Components:
     family: "ModelFamily"
     modules: dict[str, torch.nn.Module]  # e.g. unet, vae, text_encoder, text_encoder_2
     tokenizers: dict[str, Any]  # e.g. tokenizer, tokenizer_2
-    noise_scheduler: Any  # the training noise schedule (a DDPMScheduler for SD/SDXL)
+    schedule: "NoiseSchedule"  # the training noise schedule (`ModelFamily.schedule`)
     inference_scheduler: Any  # the folder's own sampler, kept for export and validation
     keep_fp32: set[str] = field(default_factory=set)  # frozen modules never cast to the autocast dtype
     extras: dict[str, Any] = field(default_factory=dict)  # what else a family loads (IF stage II's noising schedule)
@@ -72,10 +76,6 @@ class Components:
             if name in parts:
                 return parts[name]
         raise AttributeError(f"{type(self).__name__} has no module or tokenizer {name!r}")
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
 
 
 class ModelFamily(Protocol):
@@ -100,6 +100,9 @@ class ModelFamily(Protocol):
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
         """Every part, frozen; training decides what to unfreeze."""
 
+    def schedule(self, model_dir: Path) -> "NoiseSchedule":
+        """The training noise schedule, from the folder's scheduler config (no weights loaded)."""
+
     def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts -> per-prompt text tensors, first dimension N (what the text cache stores)."""
 
@@ -120,7 +123,7 @@ class ModelFamily(Protocol):
         """
 
     def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        """The denoiser's prediction, in the space of objective.training_target."""
+        """The denoiser's prediction, in the space of its schedule's `target`."""
 
     def pipeline(self, comps: Components, scheduler=None):
         """A diffusers pipeline over the (possibly training) modules."""

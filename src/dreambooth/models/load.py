@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from ..errors import DreamBoothError
-from .family import Components, ModelFamily
+from ..schedule import check_sampler
+from .family import Components, ModelFamily, load_part
 from .deepfloyd_if import IFStageIFamily, IFStageIIFamily
 from .sd import StableDiffusionFamily
 from .sdxl import StableDiffusionXLFamily
@@ -70,7 +71,8 @@ def check_resolution(resolution: int, model_dir: str | Path, fam: ModelFamily) -
 
 def check_settings(cfg, fam: ModelFamily, model_dir: str | Path) -> None:
     """Refuse settings this model cannot train with: a text encoder it does not have (text_encoder_2 on
-    SD 1.x, say), or a setting its family refuses (`ModelFamily.refuses`)."""
+    SD 1.x, say), a setting its family refuses (`ModelFamily.refuses`), or one its noise schedule has
+    no use for (Min-SNR on a rectified-flow model, a DDPM sampler for it)."""
     for name, te in cfg.text_encoders().items():
         if te.train and name not in fam.text_encoders:
             raise DreamBoothError(f"{name}.train=true, but {model_dir} ({fam.name}) has no {name}; its text encoders: "
@@ -85,6 +87,19 @@ def check_settings(cfg, fam: ModelFamily, model_dir: str | Path) -> None:
         section, field = key.split(".")
         if str(getattr(getattr(cfg, section), field)) == value:
             raise DreamBoothError(f"{key}={value.lower()} cannot be used with {model_dir} ({fam.name}): {why}")
+    schedule = load_part("scheduler", Path(model_dir) / "scheduler", lambda: fam.schedule(Path(model_dir)))
+    check_schedule_settings(cfg, schedule, f"{model_dir} ({fam.name})")
+
+
+def check_schedule_settings(cfg, schedule, where: str) -> None:
+    """The objective settings and the samplers asked for must be ones the model's noise schedule has."""
+    schedule.check(cfg.objective, where)
+    if cfg.validation.prompts:
+        check_sampler(schedule, cfg.validation.scheduler, "validation.scheduler", where)
+    generates = cfg.prior.enabled and cfg.prior.source == "images" and \
+        not all(c.class_images_user_supplied for c in cfg.resolved_concepts())
+    if generates or cfg.monitor.every_n_steps:  # class images, or the drift probe's own
+        check_sampler(schedule, cfg.prior.scheduler, "prior.scheduler", where)
 
 
 def model_folder(model) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..schedule import DDPMSchedule
 from .family import Components, load_part, module_device, own_scheduler
 
 
@@ -75,7 +76,7 @@ class StableDiffusionFamily:
         return vae_factor(model_dir)
 
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = load_part("tokenizer", model_dir / "tokenizer", lambda: CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
@@ -83,14 +84,16 @@ class StableDiffusionFamily:
                                  lambda: CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"))
         vae = load_vae(model_dir, vae_path)
         unet = load_part("unet", model_dir / "unet", lambda: UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"))
-        noise_scheduler = load_part("scheduler", model_dir / "scheduler",
-                                    lambda: DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"))
+        schedule = load_part("scheduler", model_dir / "scheduler", lambda: self.schedule(model_dir))
         inference_scheduler = load_part("scheduler", model_dir / "scheduler", lambda: own_scheduler(model_dir))
         modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
         for module in modules.values():
             module.requires_grad_(False)
-        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, noise_scheduler, inference_scheduler,
+        return Components(model_dir, self, modules, {"tokenizer": tokenizer}, schedule, inference_scheduler,
                           sources={"vae": Path(vae_path)} if vae_path else {})
+
+    def schedule(self, model_dir: Path) -> DDPMSchedule:
+        return DDPMSchedule.from_folder(model_dir)
 
     def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts -> encoder_hidden_states (N, 77, D): the text encoder's last hidden states."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..schedule import DDPMSchedule
 from .family import Components, load_part, module_device, own_scheduler
 from .sd import lora_layers, pipeline_usage, tokenize, unet_predict, vae_encode, vae_factor, vae_latents
 
@@ -59,7 +60,7 @@ class StableDiffusionXLFamily:
         return vae_factor(model_dir)
 
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         from .sd import load_vae
@@ -74,14 +75,16 @@ class StableDiffusionXLFamily:
             "text_encoder_2": load_part("text_encoder_2", model_dir / "text_encoder_2",
                                         lambda: CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2")),
         }
-        noise_scheduler = load_part("scheduler", model_dir / "scheduler",
-                                    lambda: DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler"))
+        schedule = load_part("scheduler", model_dir / "scheduler", lambda: self.schedule(model_dir))
         inference_scheduler = load_part("scheduler", model_dir / "scheduler", lambda: own_scheduler(model_dir))
         for module in modules.values():
             module.requires_grad_(False)
         keep_fp32 = set() if vae_path else {"vae"}  # the stock SDXL VAE produces inf/NaN in fp16
-        return Components(model_dir, self, modules, tokenizers, noise_scheduler, inference_scheduler, keep_fp32,
+        return Components(model_dir, self, modules, tokenizers, schedule, inference_scheduler, keep_fp32,
                           sources={"vae": Path(vae_path)} if vae_path else {})
+
+    def schedule(self, model_dir: Path) -> DDPMSchedule:
+        return DDPMSchedule.from_folder(model_dir)
 
     def encode_prompt(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Prompts -> prompt_embeds (N, 77, D1 + D2) and pooled (N, P), as StableDiffusionXLPipeline.encode_prompt."""

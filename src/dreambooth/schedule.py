@@ -270,7 +270,7 @@ class FlowMatchSchedule:
         base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
         base_shift, max_shift = c.get("base_shift") or 0.5, c.get("max_shift") or 1.15
         m = (max_shift - base_shift) / (max_len - base_len)  # mu is linear in the sequence length
-        mu = base_shift + m * (seq_len - base_len)
+        mu = seq_len * m + (base_shift - m * base_len)
         # diffusers' time shifts: exponential e^mu / (e^mu + 1/s - 1), linear mu / (mu + 1/s - 1), both
         # the static shift above with alpha = e^mu or mu
         return math.exp(mu) if self.time_shift_type == "exponential" else mu
@@ -343,8 +343,10 @@ def check_sampler(schedule: NoiseSchedule, name: str, flag: str, where: str) -> 
 
 
 def is_flow(config) -> bool:
-    """Whether a scheduler config is a rectified-flow one (diffusers names those classes FlowMatch*)."""
-    return str(config.get("_class_name", "")).startswith("FlowMatch")
+    """Whether a scheduler config is a rectified-flow one: diffusers names those classes FlowMatch* (a config read
+    from a folder records its class); one built in memory records none, and every DDPM sampler has a beta schedule."""
+    name = config.get("_class_name")
+    return name.startswith("FlowMatch") if name else "beta_schedule" not in config
 
 
 def sampler_for(base_config, name: str, flag: str = "scheduler"):

@@ -82,21 +82,16 @@ def cmd_train(args) -> None:
 def cmd_class_images(args) -> None:
     cfg = config_from_args(args)
     cfg.prior.enabled = True
-    cfg.validate()
-    from .data.buckets import buckets_for
     from .data.dataset import subject_examples
-    from .models.load import check_resolution, detect_family, model_folder
-    from .train import ensure_concept_class_images
+    from .data.prior import ensure_concept_class_images
+    from .plan import preflight
 
-    model_dir = model_folder(cfg.model)  # a single-file model.path: its converted (cached) folder
-    family = detect_family(model_dir, cfg.model.family)
-    check_resolution(cfg.data.resolution, model_dir, family)
-    # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
-    buckets = buckets_for(cfg.data, family, family.latent_factor(model_dir))
+    checked = preflight(cfg)  # train's own checks: settings, packages, model folder, family, resolution
     concepts = cfg.resolved_concepts()
-    subject = subject_examples(concepts, cfg.data) if buckets else []
+    # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
+    subject = subject_examples(concepts, cfg.data) if checked.buckets else []
     for concept in concepts:
-        files = ensure_concept_class_images(cfg, concept, subject, buckets, model_dir, device=_device())
+        files = ensure_concept_class_images(cfg, concept, subject, checked.buckets, checked.model_dir, device=_device())
         prompts = concept.class_prompts or [concept.class_prompt]
         what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} class prompts ({prompts[0]!r}, ...)"
         print(f"{len(files)} class images for {what} in {concept.class_dir}")

@@ -112,7 +112,7 @@ def probe_loss(comps: Components, probe: Probe, texts: dict[str, dict[str, torch
 def probe_class_images(cfg: TrainConfig, concepts: list[ConceptConfig], model_dir: Path, device, dtype) -> list[Example]:
     """Without prior preservation: `monitor.probe_size` base samples per concept of its class prompt (see above)."""
     from .data.class_images import ensure_class_images
-    from .train import class_image_settings
+    from .data.prior import class_image_settings
 
     examples = []
     for i, concept in enumerate(concepts):
@@ -159,16 +159,6 @@ class DriftMonitor:
         """Step 0's line: the base against itself (drift 0, subject_fit 1) and its probe losses."""
         return {"drift": 0.0, "subject_fit": 1.0, "probe_class_loss": self.base["class"],
                 "probe_subject_loss": self.base["subject"]}
-
-
-def checkpoint_scorer(cfg: TrainConfig, comps: Components, model_dir: Path):
-    """train.select=best's judge when a better one than the probe exists: in the miniature world, the
-    attribute classifier (miniworld/selection.py; called as scorer(comps) -> (score, metrics)). None: the probe."""
-    if cfg.train.select != "best":
-        return None
-    from .miniworld.selection import scorer
-
-    return scorer(cfg, comps, model_dir)
 
 
 def score(metrics: dict[str, float], fit_ratio: float) -> float | None:

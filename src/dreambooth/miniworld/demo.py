@@ -194,12 +194,13 @@ def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "band
     """Train `subject` into the base, write grid.png and evaluation.json under `output_dir`, return the evaluation
     (`recipe`: default DEMO_SETTINGS; PAPER_SETTINGS for the paper's)."""
     from ..train import train
+    from .selection import judge_for
 
     t0 = time.time()
     output_dir = Path(output_dir)
     world.write_instance_images(subject, output_dir / "instance_images")
     cfg = demo_config(output_dir, subject, base_dir, overrides, recipe)
-    result = train(cfg)
+    result = train(cfg, judge=judge_for(cfg))  # train.select=best: the classifier scores checkpoints
     train_seconds = time.time() - t0
     model_dir = Path(cfg.train.output_dir)
     settings = default_settings(base_dir, n_eval, seed)  # the sampler suited to the base's family

@@ -357,7 +357,7 @@ def _settings(sampler: tuple[str, int], n: int, seed: int) -> EvalSettings:
 def prepare(workdir: Path, base_dir: Path = DEFAULT_BASE) -> None:
     """Generate the shared class images once, before parallel runs could race to make them."""
     from ..data.class_images import ensure_class_images
-    from ..train import class_image_settings
+    from ..data.prior import class_image_settings
     from .demo import demo_config
 
     cfg = demo_config(workdir / "prepare", base_dir=base_dir, overrides={"concept.class_dir": str(workdir / "class_images")},
@@ -375,6 +375,7 @@ def run_one(run: Run, workdir: Path, n: int = 32, seed: int = 0, base_dir: Path 
     from .classifier import load_classifier
     from .demo import demo_config
     from .evaluate import measure
+    from .selection import judge_for
 
     folder = workdir / run.key
     results_path = folder / "results.json"
@@ -405,7 +406,7 @@ def run_one(run: Run, workdir: Path, n: int = 32, seed: int = 0, base_dir: Path 
         t0 = time.time()
         if done < step:
             cfg.train.resume = done > 0
-            train(cfg)
+            train(cfg, judge=judge_for(cfg))  # train.select=best: the classifier scores checkpoints
         train_seconds = time.time() - t0
         for sampler in todo:
             t0 = time.time()

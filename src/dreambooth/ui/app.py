@@ -56,8 +56,11 @@ def train_settings(ws: Workspace, model: str, preset: str, instance_prompt: str,
 
 def start_training(ws: Workspace, runner: JobRunner, settings: dict) -> str:
     """Check the settings and every photo, then start the job; raise DreamBoothError with all problems."""
+    from ..plan import preflight
+
     layer = dotted_to_nested(settings)
-    cfg = build_config(layer).validate()
+    cfg = build_config(layer)
+    preflight(cfg)  # train's own checks (settings, packages, model folder, family, resolution) before the job starts
     out = Path(cfg.train.output_dir)
     if (out / "checkpoints" / "latest.json").is_file():
         raise DreamBoothError(f"{ws.relative(out)} already holds a run: choose another run folder, or press Resume "

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_the_default_recipe_meets_the_bar(tmp_path, subject):
     from dreambooth.miniworld.demo import demo
-    from dreambooth.miniworld.experiments import bar_line, meets
+    from dreambooth.miniworld.bar import bar_line, meets
 
     result = demo(tmp_path, subject=subject, n_eval=N_EVAL, verbose=False)
     assert meets(result["model"], result["base"]) == [], bar_line(result["model"], result["base"])
@@ -32,7 +32,7 @@ def test_the_default_recipe_meets_the_bar(tmp_path, subject):
 def test_without_prior_preservation_the_class_drifts(tmp_path):
     """The paper's language drift: with no preservation of any kind, "a photo of a toy" becomes the subject."""
     from dreambooth.miniworld.demo import NO_PRIOR, demo
-    from dreambooth.miniworld.experiments import TARGETS
+    from dreambooth.miniworld.bar import TARGETS
 
     model = demo(tmp_path, overrides={**NO_PRIOR, "train.max_steps": 300, "train.denoiser_start_step": 0}, n_eval=N_EVAL,
                  verbose=False)["model"]

@@ -51,7 +51,7 @@ def preserve_prompts(leave_out_selection: bool = False) -> list[str]:
     return [world.describe(*combo) for combo in world.world_combinations() if combo not in asked]
 
 
-# The default: what the acceptance bar (experiments.TARGETS, every held-out subject x several training seeds;
+# The default: what the acceptance bar (bar.TARGETS, every held-out subject x several training seeds;
 # README "The acceptance bar") kept of the paper's recipe and what it changed. Over training seeds 0-9 it meets
 # every target on 28 of 40 runs (the earlier default, below: 25; the paper's recipe: 0 of seeds 0-2), and on the
 # 20 runs of seeds 5-9, which played no part in any choice, 15 (the earlier default 13); its worst subject
@@ -211,7 +211,7 @@ def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "band
                        "total_seconds": round(time.time() - t0, 1)})
     (output_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     if verbose:
-        from .experiments import bar_line
+        from .bar import bar_line
 
         print(format_table(evaluation))
         if "base" in evaluation:

@@ -26,6 +26,7 @@ from typing import Optional
 from ..files import atomic_write_text
 from . import world
 from ..presets import UNET_LORA_ALL_LAYERS
+from .bar import TARGETS, meets
 from .demo import PAPER_SETTINGS, preserve_prompts
 from .evaluate import DEFAULT_BASE, DEFAULT_CLASSIFIER, EvalSettings
 
@@ -72,10 +73,6 @@ def runs() -> list[Run]:
 # the acceptance bar: one recipe, every held-out subject, several training seeds
 # ---------------------------------------------------------------------------------------
 
-# A recipe has to meet these on every (subject, training seed), with no per-subject tuning. One
-# seed says little: re-contextualisation collapses in some seeds and not others, so the tables
-# report the worst case beside the mean.
-TARGETS = {"subject_fidelity": 0.9, "prompt_fidelity": 0.8, "class_drift": 0.1, "following_drop": 0.05}
 BAR_SEEDS = (0, 1, 2)
 BAR_STEPS = 800
 
@@ -240,30 +237,6 @@ def bar_runs(name: str, seeds: tuple[int, ...] = BAR_SEEDS, subjects: Optional[t
     captions = bool(overrides.pop(CAPTIONS_KEY, False))
     return [Run(f"bar-{name}-{subject}-seed{seed}", {**overrides, "train.seed": seed}, (steps,), subject=subject,
                 captions=captions) for subject in (subjects or tuple(world.SUBJECTS)) for seed in seeds]
-
-
-def meets(m: dict, base: dict) -> list[str]:
-    """The targets metrics `m` misses (empty: it meets the bar), against the base's prompt following."""
-    missed = []
-    if m["subject_fidelity"] < TARGETS["subject_fidelity"]:
-        missed.append("subject")
-    if m["prompt_fidelity"] < TARGETS["prompt_fidelity"]:
-        missed.append("prompt")
-    if m["class_drift"] > TARGETS["class_drift"]:
-        missed.append("drift")
-    if m["prompt_following"]["all"] < base["prompt_following"]["all"] - TARGETS["following_drop"]:
-        missed.append("following")
-    return missed
-
-
-def bar_line(m: dict, base: dict) -> str:
-    """One line for the demo: the model's bar metrics against the targets, prompt following against the base's."""
-    floor = base["prompt_following"]["all"] - TARGETS["following_drop"]
-    missed = meets(m, base)
-    return (f"acceptance bar: subject fidelity {m['subject_fidelity']:.2f} (>= {TARGETS['subject_fidelity']}), prompt fidelity "
-            f"{m['prompt_fidelity']:.2f} (>= {TARGETS['prompt_fidelity']}), class drift {m['class_drift']:.2f} "
-            f"(<= {TARGETS['class_drift']}), prompt following {m['prompt_following']['all']:.2f} against the base's "
-            f"{base['prompt_following']['all']:.2f} (>= {floor:.2f}): " + (f"misses {', '.join(missed)}" if missed else "meets every target"))
 
 
 def _worst(metrics: list[dict]) -> dict:

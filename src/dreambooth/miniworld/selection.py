@@ -5,7 +5,7 @@ When a run trains one of the bundled miniature bases on a held-out subject's pho
 drift probe is not the best judge we have: `evaluate.measure` is. Each checkpoint is then rendered
 with a small `n` (8 images per prompt, one per attribute prompt: a few seconds at 32 px; seeds and
 attribute prompts apart from the evaluation's, `evaluate.SELECTION_SETTINGS`) and scored against the
-acceptance bar's targets (`experiments.TARGETS`). The miniature world passes it to the trainer
+acceptance bar's targets (`bar.TARGETS`). The miniature world passes it to the trainer
 (`train(cfg, judge=judge_for(cfg))`); the trainer never looks for it:
 
     score = number of targets missed + 0.99 * mean shortfall over the four targets (0..1)
@@ -26,7 +26,7 @@ import torch
 from ..data.images import list_images
 from . import world
 from .evaluate import BASES, DEFAULT_CLASSIFIER, SELECTION_SETTINGS, EvalSettings, measure
-from .experiments import TARGETS, meets
+from .bar import TARGETS, meets
 
 SETTINGS = SELECTION_SETTINGS
 

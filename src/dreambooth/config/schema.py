@@ -260,7 +260,8 @@ class OptimConfig:
     """`optim`: the optimizer, its learning rate and schedule, and gradient clipping."""
 
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = _f(
-        "adamw", "adamw; adamw8bit (bitsandbytes; CUDA, and CPU with a recent bitsandbytes: 0.50 measured); adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
+        "adamw", "adamw; adamw8bit (bitsandbytes; CUDA, and CPU: bitsandbytes 0.50 and newer have CPU kernels); "
+        "adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
     lr: float = _f(5e-6, "Learning rate (the blog: 1e-6..5e-6 for full fine-tuning; LoRA wants ~1e-4).")
     beta1: float = _f(0.9, "Adam beta1.")
     beta2: float = _f(0.999, "Adam beta2.")
@@ -271,9 +272,9 @@ class OptimConfig:
     warmup_steps: int = _f(0, "Linear warmup steps.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value; null = no clipping.")
     moments_dtype: Literal["fp32", "bf16", "int8"] = _f(
-        "fp32", "Storage dtype of AdamW's two moments. bf16 halves them (4 instead of 8 bytes per weight; for SD 1.5 "
-        "7.9 -> 3.9 GB), updated in fp32 and stored with stochastic rounding like the weights. int8 quarters them "
-        "(2 bytes per weight, 2.0 GB for SD 1.5): bitsandbytes' blockwise 8-bit quantization, as in its AdamW8bit "
+        "fp32", "Storage dtype of AdamW's two moments. bf16 halves them (4 instead of 8 bytes per weight), updated in "
+        "fp32 and stored with stochastic rounding like the weights. int8 quarters them (2 bytes per weight): "
+        "bitsandbytes' blockwise 8-bit quantization, as in its AdamW8bit "
         "(needs bitsandbytes). Needs memory.weights_dtype=bf16 (for fp32 weights use optim.optimizer=adamw8bit).")
     fused_backward: bool = _f(
         False, "Step the optimizer inside the backward pass, one parameter at a time, as soon as its gradient is "
@@ -295,7 +296,8 @@ class MemoryConfig:
     """`memory`: precision, caches and the techniques that trade speed for memory."""
 
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision (accelerate); trainable weights stay fp32.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, ~30% slower.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, slower steps "
+                                        "(each checkpointed block runs its forward pass twice).")
     checkpoint_levels: int = _f(
         0, "With gradient_checkpointing: recompute only the UNet blocks at the N highest resolutions (down and up "
         "blocks of the first N levels, where activations are largest); 0 = every block. Partial checkpointing buys "
@@ -309,13 +311,13 @@ class MemoryConfig:
         "OUTPUT/cache with their provenance, so a resumed run reuses them. Default: on when no text encoder trains.")
     offload_text_encoders: bool = _f(
         False, "Once their embeddings are cached, keep the frozen text encoders on the CPU: nothing on the GPU needs "
-        "them, validation renders from the cached embeddings. Saves their memory on the GPU (SDXL's two encoders: "
-        "1.6 GB in bf16; IF's T5-XXL: 9.5 GB). Needs memory.cache_text_embeddings on (no text encoder trained).")
+        "them, validation renders from the cached embeddings. Saves their memory on the GPU, most where they are "
+        "large (SDXL's two encoders, IF's T5-XXL). Needs memory.cache_text_embeddings on (no text encoder trained).")
     channels_last: bool = _f(False, "Keep the UNet's 4-D weights in channels_last (NHWC) memory format, the layout "
-                             "GPU tensor-core convolutions prefer (on CPU it measured no faster: bench/RESULTS.md).")
-    compile_unet: bool = _f(False, "torch.compile the UNet (inductor). The first step pays the compile time (4 s "
-                            "with a warm cache to over 2 minutes cold on one CPU thread); on CPU the compiled steps "
-                            "measured 0.91-1.04x of eager, the GPU effect is unmeasured. Needs a C++ compiler on CPU.")
+                             "GPU tensor-core convolutions prefer; a GPU option, no gain on CPU (bench/RESULTS.md).")
+    compile_unet: bool = _f(False, "torch.compile the UNet (inductor). The first step pays the compile time (seconds "
+                            "with a warm inductor cache, minutes cold); on CPU the compiled steps run about as fast as "
+                            "eager (bench/RESULTS.md). Needs a C++ compiler on CPU.")
     weights_dtype: Literal["fp32", "bf16"] = _f(
         "fp32", "Storage dtype of the trained model's weights. bf16 halves weight and gradient memory; the AdamW "
         "update is computed in fp32 and added with stochastic rounding (round-to-nearest would drop the tiny "
@@ -369,8 +371,8 @@ class EMAConfig:
         False, "Keep an exponential moving average (EMA) of the trained weights (Polyak averaging) and use it for "
         "validation images and the export; training itself continues on the raw weights. The average smooths the "
         "step-to-step noise of the last updates. Costs one fp32 copy of the trained weights on the training device "
-        "(SD 1.5's UNet: 3.4 GB; LoRA adapters: a few MB) and is saved in every checkpoint. A text encoder frozen at "
-        "its stop_step keeps the average it had then.")
+        "(large for a full fine-tune, small for LoRA adapters) and is saved in every checkpoint. A text encoder "
+        "frozen at its stop_step keeps the average it had then.")
     decay: float = _f(
         0.999, "The longest memory the average may have: after an update, average = decay * average + (1 - decay) * "
         "weights. With ema.warmup on, the decay only reaches this cap after about 9 x 1 / (1 - decay) updates "
@@ -427,8 +429,9 @@ class MonitorConfig:
         "`drift` (0 at step 0; positive = the model denoises the class worse than the base did). Without prior "
         "preservation the base first draws probe_size images of the class prompt (see monitor.py).")
     probe_size: int = _f(32, "Probe triples; their timesteps are spread evenly over the noise schedule. Each costs one "
-                         "forward pass of the denoiser (and one for the subject probe) per measurement. At 8 the "
-                         "probe's own noise dominated on the miniature runs (r 0.51 with a 128 probe; 32: r 0.94).")
+                         "forward pass of the denoiser (and one for the subject probe) per measurement. A smaller "
+                         "probe is cheaper but noisier: too small, and it measures its own noise more than the drift "
+                         "(bench/RESULTS.md).")
     seed: int = _f(0, "Seed of the probe's noise and latent samples; the probe is built once and never touches the "
                    "training generators.")
     fit_ratio: float = _f(

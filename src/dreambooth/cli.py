@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
+from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml, type_name
 from .errors import DreamBoothError
 from .evaluation.prompts import TEMPLATES
 from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
@@ -30,17 +30,6 @@ presets (any flag overrides them):
 """ + "\n".join(f"  {name:8s} " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in TRAIN_PRESETS.items())
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        return " | ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " | null"
-    if origin is typing.Literal:
-        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
-    if origin is list:
-        return "list"
-    return getattr(tp, "__name__", str(tp))
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig leaf field, grouped by section, defaults suppressed (so we know what was given)."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with settings (same keys as the flags, nested).")
@@ -52,8 +41,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         base = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
         # argparse %-formats help strings: escape our own percent signs.
         kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {default!r})".replace("%", "%%"),
-                        "metavar": "BOOL" if base is bool else _type_name(tp) if typing.get_origin(base) is typing.Literal
-                        else _type_name(tp).upper()}
+                        "metavar": "BOOL" if base is bool else type_name(tp) if typing.get_origin(base) is typing.Literal
+                        else type_name(tp).upper()}
         if key == "concepts":
             continue  # a list of mappings: YAML only
         if base is bool:

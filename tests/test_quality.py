@@ -4,7 +4,7 @@ Every run goes through the real `dreambooth.train.train` path on the committed b
 diffusers pipeline folder) with the demo's own settings (`demo.DEMO_SETTINGS`: 800 steps, the first 200
 the identifier's embedding alone), and is measured by the classifier with 16 images per prompt instead of
 the demo's 32 to fit the CI budget (about 2 minutes a subject on one thread). The default meets the bar on
-28 of 40 (subject, seed) runs over training seeds 0-9, not all (README, "The acceptance bar"); at training
+28 of 40 (subject, seed) runs over training seeds 0-9, not all (docs/experiments/acceptance-bar.md); at training
 seed 0 these two subjects meet it and the other two do not (n=32: banded_heart's subject fidelity 0.56,
 split_moon's prompt following 0.91). The paper's recipe missed the bar on both of these (checkered_arrow:
 prompt following 0.79; striped_ring: prompt fidelity 0.44, drift 0.12). A shortened run without any

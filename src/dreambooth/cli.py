@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one held-out subject of the miniature world into the committed miniature "
                        "base model with the same `train` code path, write a before/after grid and print the evaluation, "
                        "with the acceptance bar's verdict (subject and prompt fidelity, class drift, and general prompt "
-                       "following against the base's). The recipe is the measured default (README: the acceptance bar): "
+                       "following against the base's). The recipe is the measured default (docs/experiments/acceptance-bar.md): "
                        "the paper's full fine-tune with the text encoder learning only the identifier's embedding, the "
                        "class prompt distilled from the frozen base, and light knowledge preservation.")
     p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl / -if for those families)")

@@ -22,7 +22,7 @@ Two probes, each measured as the mean `objective.denoising_loss` over its triple
     subject_fit = subject_probe(model) / subject_probe(base)    (1 at step 0; falls as the subject is learned)
 
 What it is worth: it flags gross damage, but over the 12 miniature acceptance-bar runs it did not
-rank models by the classifier's class drift (README, "Does the drift probe predict measured drift?").
+rank models by the classifier's class drift (docs/experiments/drift-probe.md).
 
 The base's losses are measured once, on the weights as loaded, before a resume loads a checkpoint
 (full fine-tuning and freshly initialised LoRA adapters are then exactly the base), so no second

@@ -1,6 +1,6 @@
 """Experiments in miniature: the DreamBooth blog's findings, measured on the bundled base.
 
-    python scripts/miniworld_experiments.py              # every run, then rewrites the README table
+    python scripts/miniworld_experiments.py              # every run, then rewrites docs/experiments/sweeps.md's tables
     python scripts/miniworld_experiments.py --jobs 2     # two runs at a time (one thread each)
 
 Every run trains through `dreambooth.train.train` with the paper's recipe (`demo.PAPER_SETTINGS`)
@@ -185,7 +185,7 @@ BAR_CANDIDATES: dict[str, dict] = {
     "identifier+class-colours-shapes@600": {**IDENTIFIER, **CLASS_COLOURS_SHAPES, "train.max_steps": 600},
     # the default with each instance photo captioned with its background ("a photo of sks toy on a white
     # background"): where re-contextualisation collapsed, "sks toy" had kept the photos' backgrounds. Stopped after
-    # banded_heart and split_moon, seeds 0-4 (README): 2 of the ten met the bar, against the default's 7 of the same
+    # banded_heart and split_moon, seeds 0-4 (docs/experiments/acceptance-bar.md): 2 of the ten met the bar, against the default's 7 of the same
     # ten (split_moon's subject 0.53-0.91, banded_heart's prompt following down to 0.85): the background words took
     # part of the subject's binding
     "identifier+kp0.3@600+captions": {**IDENTIFIER_KP03, **CAPTIONS, "train.max_steps": 600},
@@ -531,17 +531,30 @@ def _mean(metrics: list[Optional[dict]]) -> Optional[dict]:
     return mean(metrics)
 
 
+# The generated tables live in the lab notebook under docs/experiments/ (paths from the repository's root), each
+# between its own markers; the prose around them is written by hand.
 BEGIN, END = "<!-- miniworld-experiments:begin -->", "<!-- miniworld-experiments:end -->"
 BAR_BEGIN, BAR_END = "<!-- miniworld-bar:begin -->", "<!-- miniworld-bar:end -->"
+SWEEP_PAGE = "docs/experiments/sweeps.md"  # render(): the blog's findings, measured
+BAR_PAGE = "docs/experiments/acceptance-bar.md"  # render_bar(): every candidate on every (subject, seed)
 
 
-def update_readme(readme: str | Path, tables: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
-    """Replace the text between `markers` in `readme` (which must have them)."""
-    BEGIN, END = markers
-    readme = Path(readme)
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} block to fill")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(readme, f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+def update_tables(page: str | Path, tables: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Replace the generated block between `markers` in the experiments page `page`.
+
+    Args:
+        page: a Markdown file holding the markers once each, begin before end (SWEEP_PAGE or BAR_PAGE).
+        tables: the new block, as render() or render_bar() return it.
+        markers: (begin, end): (BEGIN, END) for the sweeps, (BAR_BEGIN, BAR_END) for the bar.
+
+    Raises:
+        ValueError: `page` lacks either marker, holds one twice, or has them in the wrong order; nothing is written.
+    """
+    begin, end = markers
+    page = Path(page)
+    text = page.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{page} needs one {begin} ... {end} block to fill (each marker once, in that order)")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(page, f"{head}{begin}\n{tables}\n{end}{tail}")

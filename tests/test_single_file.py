@@ -91,10 +91,11 @@ def test_file_from_the_original_code_converts_and_runs_the_same(tmp_path, varian
 def test_round_trip_is_bitwise_in_fp32(request, tmp_path, name):
     folder = request.getfixturevalue(_model(name))
     report = convert(folder, tmp_path / "model.safetensors", precision="fp32")
-    assert not report.problems and all("(bitwise)" in c or "tensors read" in c for c in report.checks), report.checks
+    assert not report.problems and all("(bitwise)" in c or "tensors read" in c for c in report.checks[:-1]), report.checks
+    assert "from_single_file: rendered a 8x8 image" in report.checks[-1]  # as a user loads it
     report = convert(tmp_path / "model.safetensors", tmp_path / "back", config=str(folder))
     assert not report.problems, report.problems
-    for part in sf.detect_family(load_file(tmp_path / "model.safetensors"), "x").single_file:
+    for part in sf.checkpoint_family(load_file(tmp_path / "model.safetensors"), "x").single_file:
         a = sf.saved_part(folder, part).state_dict()
         b = sf.saved_part(tmp_path / "back", part).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -155,7 +156,7 @@ def test_sd2_prediction_type_comes_from_the_metadata(tiny_sd2_dir, tmp_path):
     sf.folder_to_single_file(tiny_sd2_dir, tmp_path / "m.safetensors")
     state, metadata = sf.read_checkpoint(tmp_path / "m.safetensors")
     assert metadata[sf.PREDICTION_KEY] == "v"
-    fam = sf.detect_family(state, "m")
+    fam = sf.checkpoint_family(state, "m")
     assert sf.shipped_config(fam, state, metadata, Path("m")).name == "sd2-768-v"
     assert sf.shipped_config(fam, state, {sf.PREDICTION_KEY: "epsilon"}, Path("m")).name == "sd2-512"
 
@@ -182,11 +183,11 @@ def test_unknown_or_broken_files_are_named(tmp_path):
     save_file({"encoder.weight": torch.ones(1)}, str(tmp_path / "lora.safetensors"))
     state, _ = sf.read_checkpoint(tmp_path / "lora.safetensors")
     with pytest.raises(DreamBoothError, match=r"lora\.safetensors is not an SD 1\.x/2\.x or SDXL single-file"):
-        sf.detect_family(state, tmp_path / "lora.safetensors")
+        sf.checkpoint_family(state, tmp_path / "lora.safetensors")
     refiner = {"model.diffusion_model.a": torch.ones(1), "conditioner.embedders.0.model.b": torch.ones(1),
                "first_stage_model.c": torch.ones(1)}
     with pytest.raises(DreamBoothError, match="SDXL refiner"):
-        sf.detect_family(refiner, "refiner.safetensors")
+        sf.checkpoint_family(refiner, "refiner.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DreamBoothError, match=r"junk\.safetensors is not a readable \.safetensors"):
         sf.read_checkpoint(tmp_path / "junk.safetensors")

@@ -85,14 +85,15 @@ def cmd_class_images(args) -> None:
     cfg.validate()
     from .data.buckets import buckets_for
     from .data.dataset import subject_examples
-    from .models.load import check_resolution, detect_family, model_folder
+    from .interop.single_file import model_folder
+    from .models.load import check_resolution, detect_family
     from .train import ensure_concept_class_images
 
     model_dir = model_folder(cfg.model)  # a single-file model.path: its converted (cached) folder
     family = detect_family(model_dir, cfg.model.family)
     check_resolution(cfg.data.resolution, model_dir, family)
     # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
-    buckets = buckets_for(cfg.data, family, family.latent_factor(model_dir))
+    buckets = buckets_for(cfg.data, family, family.resolution_step(model_dir))
     concepts = cfg.resolved_concepts()
     subject = subject_examples(concepts, cfg.data) if buckets else []
     for concept in concepts:

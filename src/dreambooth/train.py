@@ -41,8 +41,9 @@ from .export import export, model_card, update_model_card
 from .files import finish_swap
 from .inputs import Latents, Texts
 from .interop.embeddings import check_identifiers
+from .interop.single_file import model_folder
 from .monitor import DriftMonitor, checkpoint_scorer, probe_class_images, score
-from .models.load import check_resolution, check_settings, detect_family, model_folder
+from .models.load import check_resolution, check_settings, detect_family
 from .models.memory import apply_memory_options
 from .models.frozen_base import FrozenBase
 from .models.trainable import setup_trainable, trained_module_names
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     family = detect_family(model_dir, cfg.model.family)
     check_settings(cfg, family, model_dir)
     check_resolution(cfg.data.resolution, model_dir, family)
-    buckets = buckets_for(cfg.data, family, family.latent_factor(model_dir))  # None: square crops
+    buckets = buckets_for(cfg.data, family, family.resolution_step(model_dir))  # None: square crops
     out = Path(cfg.train.output_dir)
     finish_swap(out)  # complete an export that a kill interrupted
     # accelerate keeps its settings in a process-wide singleton; clear them (not the process group)

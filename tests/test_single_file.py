@@ -239,8 +239,11 @@ def test_lora_export_writes_kohya_and_both_load_back_bitwise(request, photos, tm
     train(make_cfg(model, photos, tmp_path / "out", train={"method": "lora", "max_steps": 2},
                    lora={"rank": 4, "alpha": 2.0}, optim={"lr": 1e-2}, **extra))
     report = json.loads((tmp_path / "out" / "verification.json").read_text())
-    assert report["passed"] and len(report["checks"]) == 2 * (3 if name == "sdxl" else 2)
-    assert all("(bitwise)" in c for c in report["checks"]), report["checks"]
+    render, *checks = report["checks"]
+    pipeline = "StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline"
+    assert render == f"pytorch_lora_weights.safetensors on {pipeline}.from_pretrained(base): rendered a 8x8 image in 2 steps"
+    assert report["passed"] and len(checks) == 2 * (3 if name == "sdxl" else 2)
+    assert all("(bitwise)" in c for c in checks), checks
     kohya = load_file(tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors")
     prefixes = {k.split("_")[1] for k in kohya}
     assert prefixes == ({"unet", "te1", "te2"} if name == "sdxl" else {"unet", "te"})
@@ -257,7 +260,8 @@ def test_dora_export_loads_back_bitwise(tiny_sd_dir, photos, tmp_path):
                             lora={"rank": 4, "alpha": 4.0, "use_dora": True}, optim={"lr": 1e-2}, text_encoder={"train": True}))
     assert all(v == v for v in result.losses.values())
     report = json.loads((out / "verification.json").read_text())
-    assert report["passed"] and all("(bitwise)" in c for c in report["checks"]), report["checks"]
+    assert report["passed"] and "rendered a 8x8 image" in report["checks"][0]
+    assert all("(bitwise)" in c for c in report["checks"][1:]), report["checks"]
     saved = load_file(out / "pytorch_lora_weights.safetensors")
     magnitudes = [k for k in saved if "lora_magnitude_vector" in k]
     assert magnitudes and all(k.startswith("unet.") for k in magnitudes)

@@ -116,13 +116,20 @@ RENDER_STEPS = 2  # the fewest every shipped sampler takes (PNDM's first step is
 def user_pipeline(fam, folder: Path, single_file: Path | None = None, **parts):
     """The family's pipeline class loading `folder` as a user does, offline: `from_pretrained(folder)`, or with
     `single_file`, `from_single_file(single_file, config=folder)`. Optional parts the family does not train
-    (a safety checker, its feature extractor) are passed as None: a render does not need them, and resolving
-    their classes is what makes transformers warn about image-processor backends. `parts` replace others."""
+    (a safety checker, its feature extractor) that the folder holds are passed as None: a render does not
+    need them, and loading a safety checker costs a second CLIP. One that model_index.json names but the
+    folder lacks is left to diffusers, which fails on it as it would for the user. `parts` replace others."""
+    import json
+
     import diffusers
 
     cls = getattr(diffusers, fam.pipeline_class_names[0])
     accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {name: None for name in getattr(cls, "_optional_components", []) if name not in fam.parts and name in accepted}
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    held = {name for name, entry in index.items() if not isinstance(entry, list) or entry[0] is None
+            or (Path(folder) / name).is_dir()}
+    kwargs = {name: None for name in getattr(cls, "_optional_components", [])
+              if name not in fam.parts and name in accepted and name in held}
     if "requires_safety_checker" in accepted:
         kwargs["requires_safety_checker"] = False
     kwargs.update(parts, local_files_only=True)

@@ -20,7 +20,8 @@ from .data.dataset import Example, subject_examples
 from .errors import DreamBoothError
 from .files import finish_swap
 from .models.family import ModelFamily
-from .models.load import check_resolution, check_settings, detect_family, model_folder
+from .interop.single_file import model_folder
+from .models.load import check_resolution, check_settings, detect_family
 
 
 @dataclass
@@ -55,7 +56,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
     family = detect_family(model_dir, cfg.model.family)
     check_settings(cfg, family, model_dir)
     check_resolution(cfg.data.resolution, model_dir, family)
-    return Preflight(model_dir, family, buckets_for(cfg.data, family, family.latent_factor(model_dir)))
+    return Preflight(model_dir, family, buckets_for(cfg.data, family, family.resolution_step(model_dir)))
 
 
 def plan_run(cfg: TrainConfig) -> Plan:

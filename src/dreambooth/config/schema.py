@@ -60,6 +60,9 @@ class ModelConfig:
         None, "A replacement VAE folder (diffusers AutoencoderKL). SDXL's own VAE overflows in fp16, so it is kept in "
         "fp32 under mixed precision; an fp16-safe SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) given here is cast "
         "like the other frozen parts instead.")
+    hub_id: Optional[str] = _f(
+        None, "The base model's Hugging Face Hub id (ORG/NAME), written as the model card's base_model. Default: the "
+        "id in a Hub cache path of model.path (.../models--ORG--NAME/snapshots/...); else the card names none.")
 
     def check(self) -> None:
         if not self.path:

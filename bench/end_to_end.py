@@ -42,7 +42,8 @@ def main() -> None:
     from dreambooth.config import build_config
     from dreambooth.data.class_images import ensure_class_images
     from dreambooth.tiny import ARCHITECTURES, write_photos
-    from dreambooth.train import class_image_settings, train
+    from dreambooth.data.prior import class_image_settings
+    from dreambooth.train import train
 
     resolution = ARCHITECTURES[args.arch]["resolution"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,10 +4,17 @@
 # diffusers' train_dreambooth.py on the same model and data; SDXL LoRA and full UNet at 1024 px.
 # Writes $OUT/gpu_suite.json and $OUT/gpu_suite.md (OUT defaults to bench/out), one row per run.
 #
-#   bench/gpu_suite.sh --prepare   # here (package registries reachable): the wheels the GPU image lacks -> bench/wheels/
-#   bench/gpu_suite.sh             # on the GPU machine: the device tool's run with carry=["bench/wheels"]
+#   bench/gpu_suite.sh --prepare   # here (package registries reachable): the wheels the GPU image lacks -> bench/wheels/,
+#                                  # and the peer script -> bench/peer-script/ (PEER_SCRIPT=FILE copies FILE instead)
+#   bench/gpu_suite.sh             # on the GPU machine: the device tool's run with carry=["bench/wheels", "bench/peer-script"]
 #   bench/gpu_suite.sh --dry-run   # CPU, tiny models, 2 timed steps each: checks the whole chain in about 3 minutes
 #   ROWS="r15-default r15-peer" bench/gpu_suite.sh   # only these rows (to split the suite over several calls)
+#
+# The peer is diffusers' examples/dreambooth/train_dreambooth.py, another project's script, so it is not in this
+# tree. No package holds it (the diffusers sdist and wheel leave out examples/), so --prepare downloads it from
+# GitHub at the commit bench/RESULTS.md measured (bench/peer_bench.py's PEER_URL); where GitHub is unreachable,
+# fetch that file elsewhere and pass PEER_SCRIPT=FILE. Both folders are ignored by git. Without the script, or
+# without torchvision (which it needs), the r15-peer row is skipped and the log says so.
 #
 # The GPU image has torch (CUDA), transformers, accelerate, peft and torchvision but not diffusers;
 # the wheels bring diffusers and importlib_metadata at the lock's versions, and torchao 0.18.0 for the
@@ -26,6 +33,9 @@ if [ "$mode" = "--prepare" ]; then
     python -m pip download -q --no-deps -d bench/wheels "diffusers==$(lock_version diffusers)" \
         "importlib_metadata==$(lock_version importlib_metadata)" torchao==0.18.0
     du -sh bench/wheels && ls bench/wheels
+    rm -rf bench/peer-script
+    python -c "import sys; sys.path.insert(0, 'bench'); import peer_bench; from pathlib import Path
+peer_bench.fetch_peer(Path('bench/peer-script/train_dreambooth.py'), sys.argv[1] or None)" "${PEER_SCRIPT:-}"
     exit 0
 fi
 
@@ -50,7 +60,14 @@ for name in ("diffusers", "transformers", "accelerate", "peft", "safetensors", "
 assert "$device" == "cpu" or torch.cuda.is_available(), "no CUDA device"
 print("imports ok; torch", torch.__version__, "device", torch.cuda.get_device_name() if "$device" == "cuda" else "cpu")
 EOF
-peer_ok=$($PY -c "import torchvision" 2>/dev/null && echo 1 || echo 0)
+PEER_SCRIPT=${PEER_SCRIPT:-bench/peer-script/train_dreambooth.py}
+if [ ! -f "$PEER_SCRIPT" ]; then
+    peer_ok=0; peer_why="no peer script at $PEER_SCRIPT (bench/gpu_suite.sh --prepare fetches it; or PEER_SCRIPT=FILE)"
+elif ! $PY -c "import torchvision" 2>/dev/null; then
+    peer_ok=0; peer_why="torchvision is not installed here (the peer needs it; the GPU image has it)"
+else
+    peer_ok=1
+fi
 ao_ok=$($PY -c "import torchao.optim" 2>/dev/null && echo 1 || echo 0)
 
 models=/tmp/gpu-suite-models
@@ -68,10 +85,11 @@ run r15-low-memory      600 $PY bench/bench.py $r15 --preset low-memory --moment
 run r15-fp16            600 $PY bench/bench.py $r15 --mixed-precision fp16 --json "$OUT/r15-fp16.json"
 run r15-fp32            600 $PY bench/bench.py $r15 --json "$OUT/r15-fp32.json"
 if [ "$peer_ok" = 1 ]; then
-    run r15-peer        900 $PY bench/peer_bench.py --model-dir "$models/$sd" --resolution $res --steps-a $peer_a --steps-b $peer_b \
-                            --mixed-precision bf16 --work /tmp/gpu-suite-peer --json "$OUT/r15-peer.json"
+    run r15-peer        900 $PY bench/peer_bench.py --peer-script "$PEER_SCRIPT" --model-dir "$models/$sd" --resolution $res \
+                            --steps-a $peer_a --steps-b $peer_b --mixed-precision bf16 --work /tmp/gpu-suite-peer --json "$OUT/r15-peer.json"
 else
-    echo "== r15-peer skipped: torchvision is not installed here (the peer needs it; the GPU image has it)"
+    echo "== r15-peer skipped: $peer_why"
+    echo "skipped: $peer_why" > "$OUT/r15-peer.log"  # the table's row points here
 fi
 run sdxl-lora           600 $PY bench/bench.py $sdxl --method lora --mixed-precision bf16 --gradient-checkpointing \
                             --offload-text-encoders --json "$OUT/sdxl-lora.json"

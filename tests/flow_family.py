@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth.models.family import Components, load_part, module_device, own_scheduler
-from dreambooth.models.sd import lora_layers, load_vae, pipeline_usage, tokenize, vae_encode, vae_factor
+from dreambooth.models.sd import (RENDER_PROMPT, lora_layers, load_vae, pipeline_usage, text_probe_inputs, tokenize,
+                                  vae_encode, vae_factor, vae_probe_inputs)
 from dreambooth.schedule import FlowMatchSchedule
 from dreambooth.tiny import T5_TOKENIZER_DIR, TOKENIZER_DIR
 
@@ -40,13 +41,36 @@ class FlowFamily:
                     "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
                     "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj")}
     refuses: dict[str, str] = {}
-    single_file = None
+    single_file = None  # no single-file layout or kohya LoRA for it here: exports are diffusers folders and LoRA files
+    single_file_tables = None
+    single_file_configs: tuple[str, ...] = ()
+    kohya_prefixes = None
     trains_with_identifier = True
     identifier_embedding_file = False
     buckets_by_default = False
 
     def latent_factor(self, model_dir: Path) -> int:
         return vae_factor(model_dir)
+
+    def resolution_step(self, model_dir: Path) -> int:
+        """The VAE's factor x the transformer's patch size: each token is a patch x patch square of latents."""
+        patch = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())["patch_size"]
+        return vae_factor(model_dir) * patch
+
+    def probe_inputs(self, module_name: str, config, generator: torch.Generator) -> dict:
+        if module_name in self.text_encoders:
+            return text_probe_inputs(config, generator)
+        if module_name != self.denoiser:
+            return vae_probe_inputs(config, generator)
+        side = 2 * config.patch_size  # 2 x 2 tokens
+        return {"hidden_states": torch.randn(1, config.in_channels, side, side, generator=generator),
+                "encoder_hidden_states": torch.randn(1, 6, config.joint_attention_dim, generator=generator),
+                "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+                "timestep": torch.tensor([500.0])}
+
+    def render_inputs(self, pipe) -> dict:
+        side = pipe.vae_scale_factor * pipe.transformer.config.patch_size * 2  # 2 x 2 tokens
+        return {"prompt": RENDER_PROMPT, "height": side, "width": side}
 
     def schedule(self, model_dir: Path) -> FlowMatchSchedule:
         patch = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())["patch_size"]

@@ -49,7 +49,7 @@ def test_bucket_tables(resolution, step, sides, golden):
 
 def test_sdxl_table_holds_the_papers_common_buckets():
     """SDXL at 1024 px (Podell et al. 2023, appendix: the multi-aspect buckets) with our defaults from DataConfig."""
-    sizes = bucket_table(DataConfig(resolution=1024), latent_factor=8)
+    sizes = bucket_table(DataConfig(resolution=1024), resolution_step=8)
     for size in [(1024, 1024), (896, 1152), (832, 1216), (768, 1344), (640, 1536), (512, 2048), (1152, 896), (1536, 640)]:
         assert size in sizes
     assert sizes[0] == (2048, 512) and sizes[-1] == (512, 2048)

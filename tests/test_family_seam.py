@@ -59,6 +59,9 @@ class PixelTwoEncoderFamily:
     def latent_factor(self, model_dir):
         return 1
 
+    def resolution_step(self, model_dir):
+        return 1
+
     def load(self, model_dir, vae_path=None):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32),

@@ -252,7 +252,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_flow_family_trains_resumes_bitwise_and_exports(tiny_sd3_dir, flow_family, photos, tmp_path):
     """4 steps (class images by the flow sampler, validation, the transformer and a text encoder trained) == 2 steps,
     a crash, a resume, 2 more: the same losses and bitwise-equal exported weights. The export is verified (the
-    weights read back) and renders in diffusers' own StableDiffusion3Pipeline, offline."""
+    weights read back, one render) and renders in diffusers' own StableDiffusion3Pipeline, offline."""
     with pytest.MonkeyPatch.context() as crash:  # straight_and_resumed undoes its own patches only
         straight, resumed = straight_and_resumed(tiny_sd3_dir, photos, tmp_path, crash, FLOW, crash_at=2)
     assert list(resumed.losses) == [3, 4] and all(math.isfinite(v) for v in straight.losses.values())
@@ -273,15 +273,16 @@ def test_flow_family_trains_resumes_bitwise_and_exports(tiny_sd3_dir, flow_famil
 def test_flow_family_distils_with_lora(tiny_sd3_dir, flow_family, photos, tmp_path):
     """prior.source=model and knowledge preservation: the base's own few-step flow samples, its predictions as
     targets (LoRA: the same transformer with adapters off); the drift probe's class images come from the flow sampler.
-    The LoRA loads back into StableDiffusion3Pipeline. (export.verify=false: verification builds UNet probe inputs,
-    and is being made generic over families separately.)"""
+    The export is verified (the family's probe inputs and render call), and the LoRA loads back into
+    StableDiffusion3Pipeline."""
     out = tmp_path / "out"
     cfg = make_cfg(tiny_sd3_dir, photos, out, prior={"source": "model", "base_sample_steps": 2, "scheduler": "euler",
                                                     "preserve_prompts": ["a red car"], "preserve_weight": 0.5},
                    train={"max_steps": 2, "batch_size": 2, "method": "lora"}, optim={"lr": 1e-2},
-                   monitor={"every_n_steps": 2, "probe_size": 2}, export={"verify": False})
+                   monitor={"every_n_steps": 2, "probe_size": 2})
     result = train(cfg)
     assert result.steps == 2 and all(math.isfinite(v) and v > 0 for v in result.losses.values())
+    assert json.loads((out / REPORT).read_text())["passed"]
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
     g = torch.Generator().manual_seed(0)
     inputs = {"hidden_states": torch.randn(SHAPE, generator=g), "timestep": torch.tensor([500.0, 900.0]),

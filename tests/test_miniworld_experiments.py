@@ -1,13 +1,14 @@
-"""The experiments sweep's machinery: resumed step chains, cached results, tables, README block, roughness."""
+"""The experiments sweep's machinery: resumed step chains, cached results, tables, the docs/experiments blocks, roughness."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dreambooth.errors import DreamBoothError
-from dreambooth.miniworld import experiments, world
+from dreambooth.miniworld import bar, experiments, world
 from dreambooth.miniworld.evaluate import roughness
 
 
@@ -39,7 +40,7 @@ def test_run_chain_resumes_and_caches(tmp_path, monkeypatch):
     assert experiments.run_one(run, tmp_path, n=1, verbose=False) == results
 
 
-def test_render_and_readme_block(tmp_path):
+def test_render_and_tables_block(tmp_path):
     m = {"subject_fidelity": 0.5, "prompt_fidelity": 0.25, "class_drift": 0.125, "roughness": 0.0312,
          "class_diversity": {"shape": 0.9, "colour": 0.8, "distinct_pairs": 9}, "prompt_following": {"all": 0.75}}
     results = {"lr-1e-4": {"800|ddim|25": m}, "base": {"0|ddim|25": {k: m[k] for k in ("class_diversity", "prompt_following", "roughness")}}}
@@ -49,16 +50,37 @@ def test_render_and_readme_block(tmp_path):
     assert "| base model |  | - | - | - | 0.90 / 0.80 | 0.75 | 0.031 |" in tables
     assert "| banded_heart | heart, hbands | blue, green | 0.50 |" in tables  # the main subject's row reuses the lr 1e-4 run
 
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{experiments.BEGIN}\nold\n{experiments.END}\noutro\n")
-    experiments.update_readme(readme, tables)
-    experiments.update_readme(readme, tables)  # idempotent
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text and text.count(tables) == 1
-    plain = tmp_path / "plain.md"
-    plain.write_text("no markers\n")
-    with pytest.raises(ValueError, match="no .* block"):
-        experiments.update_readme(plain, tables)
+    page = tmp_path / "sweeps.md"
+    bar_block = f"{experiments.BAR_BEGIN}\nbar tables\n{experiments.BAR_END}"
+    page.write_text(f"intro\n{experiments.BEGIN}\nold\n{experiments.END}\nbetween\n{bar_block}\noutro\n")
+    experiments.update_tables(page, tables)
+    experiments.update_tables(page, tables)  # idempotent
+    text = page.read_text()
+    assert text == f"intro\n{experiments.BEGIN}\n{tables}\n{experiments.END}\nbetween\n{bar_block}\noutro\n"
+    experiments.update_tables(page, "new bar", (experiments.BAR_BEGIN, experiments.BAR_END))  # the other block only
+    assert page.read_text() == text.replace("bar tables", "new bar")
+
+    for bad in ("no markers\n", f"{experiments.END}\n{experiments.BEGIN}\n",
+                f"{experiments.BEGIN}\n{experiments.END}\n{experiments.BEGIN}\n{experiments.END}\n"):
+        plain = tmp_path / "plain.md"
+        plain.write_text(bad)
+        with pytest.raises(ValueError, match="needs one .* block"):
+            experiments.update_tables(plain, tables)
+        assert plain.read_text() == bad  # refused before anything is written
+
+
+def test_experiments_pages_hold_their_generated_blocks():
+    """The pages the script rewrites by default exist in the repository with one block each, so a rerun of the
+    sweep or the bar lands in the lab notebook (and never in the README, which is a guide)."""
+    root = Path(__file__).resolve().parents[1]
+    for page, (begin, end), generated in (
+            (experiments.SWEEP_PAGE, (experiments.BEGIN, experiments.END), "**Learning rate x steps**"),
+            (experiments.BAR_PAGE, (experiments.BAR_BEGIN, experiments.BAR_END), "| candidate | runs that meet |")):
+        text = (root / page).read_text()
+        assert text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end), page
+        assert generated in text.split(begin)[1].split(end)[0], page  # the block holds what the script renders
+    readme = (root / "README.md").read_text()
+    assert not any(m in readme for m in (experiments.BEGIN, experiments.END, experiments.BAR_BEGIN, experiments.BAR_END))
 
 
 def test_sweep_names_every_run_the_tables_use():
@@ -101,10 +123,10 @@ def test_bar_runs_meets_and_worst_case_table():
                 "class_diversity": {"shape": 1.0, "colour": 1.0}, "prompt_following": {"all": following}}
 
     good = metrics(0.95, 0.85, 0.05, 0.95)
-    assert experiments.meets(good, base) == []
-    assert experiments.bar_line(good, base).endswith("following 0.95 against the base's 0.99 (>= 0.94): meets every target")
-    assert experiments.bar_line(metrics(0.5, 0.85, 0.05, 0.9), base).endswith("misses subject, following")
-    assert experiments.meets(metrics(0.89, 0.85, 0.11, 0.93), base) == ["subject", "drift", "following"]
+    assert bar.meets(good, base) == []
+    assert bar.bar_line(good, base).endswith("following 0.95 against the base's 0.99 (>= 0.94): meets every target")
+    assert bar.bar_line(metrics(0.5, 0.85, 0.05, 0.9), base).endswith("misses subject, following")
+    assert bar.meets(metrics(0.89, 0.85, 0.11, 0.93), base) == ["subject", "drift", "following"]
     results = {"base": {"0|ddim|25": base}, **{r.key: {"800|ddim|25": good} for r in runs}}
     results[runs[0].key]["800|ddim|25"] = metrics(0.5, 0.25, 0.5, 0.5)
     table = experiments.render_bar(results, ["paper"])

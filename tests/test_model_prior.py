@@ -228,7 +228,7 @@ def test_bad_combinations_are_refused_up_front(tiny_sd_dir, photos, prior, conce
 # ---- the recipe ------------------------------------------------------------------------
 
 def test_model_prior_generates_no_class_images(tiny_sd_dir, photos, tmp_path, monkeypatch):
-    import dreambooth.train as recipe
+    import dreambooth.data.prior as recipe
 
     def no_generation(*args, **kwargs):
         raise AssertionError("prior.source=model must not generate class images")

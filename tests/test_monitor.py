@@ -142,16 +142,20 @@ def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
 
 
 def test_select_best_in_the_miniature_world_scores_with_the_classifier(tmp_path):
-    """On the bundled base with a held-out subject's photos, each checkpoint is rendered and scored against
-    the acceptance bar (targets missed + shortfall); the lowest score is exported."""
+    """With the miniature world's judge (the bundled base, a held-out subject's photos), each checkpoint is rendered
+    and scored against the acceptance bar (targets missed + shortfall); the lowest score is exported."""
     from dreambooth.miniworld import world
     from dreambooth.miniworld.demo import PAPER_SETTINGS, demo_config
 
+    from dreambooth.miniworld.selection import judge_for
+
     world.write_instance_images("banded_heart", tmp_path / "instance_images")
-    result = train(demo_config(tmp_path, overrides={
+    cfg = demo_config(tmp_path, overrides={
         "prior.enabled": False, "optim.lr": 3e-4, "train.max_steps": 10, "train.select": "best",
         "checkpoint.every_n_steps": 5, "checkpoint.keep": 5, "monitor.every_n_steps": 5, "monitor.probe_size": 2,
-        "prior.num_inference_steps": 10, "export.verify": False}, recipe=PAPER_SETTINGS))
+        "prior.num_inference_steps": 10, "export.verify": False}, recipe=PAPER_SETTINGS)
+    assert judge_for(cfg) is not None
+    result = train(cfg, judge=judge_for(cfg))  # the miniature world passes its judge; the trainer never looks for it
     out = tmp_path / "model"
     states = {int(p.name[5:]): json.loads((p / "state.json").read_text())["metrics"]
               for p in ckpt.checkpoints_root(out).glob("step-*")}

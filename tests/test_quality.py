@@ -4,7 +4,7 @@ Every run goes through the real `dreambooth.train.train` path on the committed b
 diffusers pipeline folder) with the demo's own settings (`demo.DEMO_SETTINGS`: 800 steps, the first 200
 the identifier's embedding alone), and is measured by the classifier with 16 images per prompt instead of
 the demo's 32 to fit the CI budget (about 2 minutes a subject on one thread). The default meets the bar on
-28 of 40 (subject, seed) runs over training seeds 0-9, not all (README, "The acceptance bar"); at training
+28 of 40 (subject, seed) runs over training seeds 0-9, not all (docs/experiments/acceptance-bar.md); at training
 seed 0 these two subjects meet it and the other two do not (n=32: banded_heart's subject fidelity 0.56,
 split_moon's prompt following 0.91). The paper's recipe missed the bar on both of these (checkered_arrow:
 prompt following 0.79; striped_ring: prompt fidelity 0.44, drift 0.12). A shortened run without any
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_the_default_recipe_meets_the_bar(tmp_path, subject):
     from dreambooth.miniworld.demo import demo
-    from dreambooth.miniworld.experiments import bar_line, meets
+    from dreambooth.miniworld.bar import bar_line, meets
 
     result = demo(tmp_path, subject=subject, n_eval=N_EVAL, verbose=False)
     assert meets(result["model"], result["base"]) == [], bar_line(result["model"], result["base"])
@@ -32,7 +32,7 @@ def test_the_default_recipe_meets_the_bar(tmp_path, subject):
 def test_without_prior_preservation_the_class_drifts(tmp_path):
     """The paper's language drift: with no preservation of any kind, "a photo of a toy" becomes the subject."""
     from dreambooth.miniworld.demo import NO_PRIOR, demo
-    from dreambooth.miniworld.experiments import TARGETS
+    from dreambooth.miniworld.bar import TARGETS
 
     model = demo(tmp_path, overrides={**NO_PRIOR, "train.max_steps": 300, "train.denoiser_start_step": 0}, n_eval=N_EVAL,
                  verbose=False)["model"]

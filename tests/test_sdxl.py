@@ -203,16 +203,16 @@ def test_memory_options_train_sdxl(tiny_sdxl_dir, photos, tmp_path, preset, sett
 
 
 def test_the_sdxl_vae_stays_fp32_under_bf16(tiny_sdxl_dir, photos, tmp_path, monkeypatch):
-    import dreambooth.train as train_module
+    import dreambooth.run as run_module
 
     placed = {}
-    real = train_module._place
+    real = run_module.place
 
     def record(module, device, dtype):
         placed[type(module).__name__] = dtype
         real(module, device, dtype)
 
-    monkeypatch.setattr(train_module, "_place", record)
+    monkeypatch.setattr(run_module, "place", record)
     out = tmp_path / "out"
     train(make_cfg(tiny_sdxl_dir, photos, out, text_encoder={"train": False}, text_encoder_2={"train": False, "lr": None},
                    memory={"mixed_precision": "bf16"}, train={"max_steps": 1, "batch_size": 1, "output_dir": str(out)}))

@@ -91,10 +91,11 @@ def test_file_from_the_original_code_converts_and_runs_the_same(tmp_path, varian
 def test_round_trip_is_bitwise_in_fp32(request, tmp_path, name):
     folder = request.getfixturevalue(_model(name))
     report = convert(folder, tmp_path / "model.safetensors", precision="fp32")
-    assert not report.problems and all("(bitwise)" in c or "tensors read" in c for c in report.checks), report.checks
+    assert not report.problems and all("(bitwise)" in c or "tensors read" in c for c in report.checks[:-1]), report.checks
+    assert "from_single_file: rendered a 8x8 image" in report.checks[-1]  # as a user loads it
     report = convert(tmp_path / "model.safetensors", tmp_path / "back", config=str(folder))
     assert not report.problems, report.problems
-    for part in sf.detect_family(load_file(tmp_path / "model.safetensors"), "x").single_file:
+    for part in sf.checkpoint_family(load_file(tmp_path / "model.safetensors"), "x").single_file:
         a = sf.saved_part(folder, part).state_dict()
         b = sf.saved_part(tmp_path / "back", part).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -155,7 +156,7 @@ def test_sd2_prediction_type_comes_from_the_metadata(tiny_sd2_dir, tmp_path):
     sf.folder_to_single_file(tiny_sd2_dir, tmp_path / "m.safetensors")
     state, metadata = sf.read_checkpoint(tmp_path / "m.safetensors")
     assert metadata[sf.PREDICTION_KEY] == "v"
-    fam = sf.detect_family(state, "m")
+    fam = sf.checkpoint_family(state, "m")
     assert sf.shipped_config(fam, state, metadata, Path("m")).name == "sd2-768-v"
     assert sf.shipped_config(fam, state, {sf.PREDICTION_KEY: "epsilon"}, Path("m")).name == "sd2-512"
 
@@ -182,20 +183,70 @@ def test_unknown_or_broken_files_are_named(tmp_path):
     save_file({"encoder.weight": torch.ones(1)}, str(tmp_path / "lora.safetensors"))
     state, _ = sf.read_checkpoint(tmp_path / "lora.safetensors")
     with pytest.raises(DreamBoothError, match=r"lora\.safetensors is not an SD 1\.x/2\.x or SDXL single-file"):
-        sf.detect_family(state, tmp_path / "lora.safetensors")
+        sf.checkpoint_family(state, tmp_path / "lora.safetensors")
     refiner = {"model.diffusion_model.a": torch.ones(1), "conditioner.embedders.0.model.b": torch.ones(1),
                "first_stage_model.c": torch.ones(1)}
     with pytest.raises(DreamBoothError, match="SDXL refiner"):
-        sf.detect_family(refiner, "refiner.safetensors")
+        sf.checkpoint_family(refiner, "refiner.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DreamBoothError, match=r"junk\.safetensors is not a readable \.safetensors"):
         sf.read_checkpoint(tmp_path / "junk.safetensors")
 
 
-def test_wrong_architecture_is_one_line(tiny_sd_dir, tmp_path):
+def test_wrong_architecture_is_one_line_with_both_shapes(tiny_sd_dir, tmp_path):
+    """The file's own shape is the fact the user needs (it once came out as 'torch', cut at torch.Size's dot)."""
     sf.folder_to_single_file(tiny_sd_dir, tmp_path / "m.safetensors")
-    with pytest.raises(DreamBoothError, match=r"does not fit the architecture in .*sd15 .*pass the matching config"):
+    with pytest.raises(DreamBoothError, match=r"does not fit the architecture in .*sd15 \(time_embedding\.linear_1\.weight "
+                                              r"is \[128, 32\] in the file, the config wants \[1280, 320\]\); "
+                                              r"pass the matching config"):
         sf.to_diffusers(tmp_path / "m.safetensors", tmp_path / "out")  # detected as SD 1.x; the tiny shapes are not
+
+
+def _like_a_hub_sd15_folder(tiny_sd_dir, folder):
+    """The tiny model saved as a real SD 1.5 diffusers folder is: with a safety_checker/ and a feature_extractor/
+    (CLIPImageProcessor) in model_index.json and on disk, and requires_safety_checker true."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessorPil
+
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=checker,
+                                                   feature_extractor=CLIPImageProcessorPil(), requires_safety_checker=True)
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]  # as the Hub's SD 1.5 folder names it
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_file_converted_against_a_full_sd15_folder_loads_in_diffusers(tiny_sd_dir, tmp_path):
+    """`convert FILE OUT --config FOLDER`, FOLDER naming a safety checker and a feature extractor that no single
+    file holds: OUT loads with StableDiffusionPipeline.from_pretrained, and the verification says it rendered."""
+    from diffusers import StableDiffusionPipeline
+
+    config = _like_a_hub_sd15_folder(tiny_sd_dir, tmp_path / "sd15-like")
+    sf.folder_to_single_file(tiny_sd_dir, tmp_path / "m.safetensors")
+    report = convert(tmp_path / "m.safetensors", tmp_path / "out", config=str(config))
+    assert not report.problems, report.problems
+    assert report.checks[-1] == "StableDiffusionPipeline.from_pretrained(out): rendered a 8x8 image in 2 steps"
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")  # offline (conftest), as a user would
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    image = pipe("a photo of a dog", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
+def test_convert_verification_fails_a_folder_diffusers_cannot_load(tiny_sd_dir, tmp_path, monkeypatch):
+    """Equal tensors are not enough: with the config's model_index.json copied as it is (naming a feature
+    extractor that is not written), the check that loads the folder as a user does reports it."""
+    config = _like_a_hub_sd15_folder(tiny_sd_dir, tmp_path / "sd15-like")
+    sf.folder_to_single_file(tiny_sd_dir, tmp_path / "m.safetensors")
+    monkeypatch.setattr(sf, "written_index", lambda index, written: index)
+    report = convert(tmp_path / "m.safetensors", tmp_path / "out", config=str(config))
+    assert report.checks[0].endswith("tensors written back identically")
+    assert len(report.problems) == 1 and report.problems[0].startswith("StableDiffusionPipeline.from_pretrained(out): "), report
 
 
 def test_convert_cli_offline_with_no_hub_cache(tiny_sdxl_dir, tmp_path):
@@ -207,6 +258,20 @@ def test_convert_cli_offline_with_no_hub_cache(tiny_sdxl_dir, tmp_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "written back identically" in r.stdout, r.stderr[-2000:]
     assert not (tmp_path / "empty-hf-home" / "hub").exists()  # nothing was fetched or cached from the Hub
+    # the pipelines verification loads made transformers note its image-processor fallback (torchvision is not
+    # a dependency on purpose): a warning the user can do nothing about, so it is not shown
+    assert "requires torchvision" not in r.stderr + r.stdout, r.stderr[-2000:]
+
+
+def test_sampling_shows_no_image_processor_note(tiny_sd_dir, tmp_path):
+    """Every pipeline class diffusers imports pulls in transformers' image processors; without torchvision
+    transformers notes a fallback the user cannot act on. A plain `dreambooth sample` shows none of it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_CACHE": str(tmp_path / "c")}
+    r = subprocess.run([sys.executable, "-m", "dreambooth.cli", "sample", str(tiny_sd_dir), "--prompt", "a dog",
+                        "--steps", "2", "--resolution", "32", "--num-images", "1", "--out-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "1 images" in r.stdout, r.stderr[-2000:]
+    assert "requires torchvision" not in r.stderr + r.stdout and "ImageProcessor" not in r.stderr, r.stderr[-2000:]
 
 
 # ---- training from a single file, and what every export writes and checks ----------------------
@@ -238,8 +303,11 @@ def test_lora_export_writes_kohya_and_both_load_back_bitwise(request, photos, tm
     train(make_cfg(model, photos, tmp_path / "out", train={"method": "lora", "max_steps": 2},
                    lora={"rank": 4, "alpha": 2.0}, optim={"lr": 1e-2}, **extra))
     report = json.loads((tmp_path / "out" / "verification.json").read_text())
-    assert report["passed"] and len(report["checks"]) == 2 * (3 if name == "sdxl" else 2)
-    assert all("(bitwise)" in c for c in report["checks"]), report["checks"]
+    render, *checks = report["checks"]
+    pipeline = "StableDiffusionXLPipeline" if name == "sdxl" else "StableDiffusionPipeline"
+    assert render == f"pytorch_lora_weights.safetensors on {pipeline}.from_pretrained(base): rendered a 8x8 image in 2 steps"
+    assert report["passed"] and len(checks) == 2 * (3 if name == "sdxl" else 2)
+    assert all("(bitwise)" in c for c in checks), checks
     kohya = load_file(tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors")
     prefixes = {k.split("_")[1] for k in kohya}
     assert prefixes == ({"unet", "te1", "te2"} if name == "sdxl" else {"unet", "te"})
@@ -256,7 +324,8 @@ def test_dora_export_loads_back_bitwise(tiny_sd_dir, photos, tmp_path):
                             lora={"rank": 4, "alpha": 4.0, "use_dora": True}, optim={"lr": 1e-2}, text_encoder={"train": True}))
     assert all(v == v for v in result.losses.values())
     report = json.loads((out / "verification.json").read_text())
-    assert report["passed"] and all("(bitwise)" in c for c in report["checks"]), report["checks"]
+    assert report["passed"] and "rendered a 8x8 image" in report["checks"][0]
+    assert all("(bitwise)" in c for c in report["checks"][1:]), report["checks"]
     saved = load_file(out / "pytorch_lora_weights.safetensors")
     magnitudes = [k for k in saved if "lora_magnitude_vector" in k]
     assert magnitudes and all(k.startswith("unet.") for k in magnitudes)

@@ -176,6 +176,14 @@ def test_train_stop_resume_sample_in_browser(ui, tmp_path):
         page.get_by_role("tab", name="Runs").click()
         choose(page, "run-a", "runs/first")
         page.locator("#run-a-grid img").wait_for(timeout=30_000)
+        # the card as the Hub shows it: its front matter a small table, not one large heading above the run,
+        # and no path of this machine in it
+        card = page.locator("#run-a-card")
+        card.locator("h1", has_text="DreamBooth fine-tune of").wait_for(timeout=30_000)
+        headings = card.locator("h1, h2, h3, h4, h5, h6").all_inner_texts()
+        assert not [h for h in headings if "library_name" in h or "tags" in h], headings
+        assert card.locator("td", has_text="library_name").count() == 1
+        assert str(ws) not in card.inner_text()
         choose(page, "run-b", "runs/first")  # the second panel, beside the first: two runs' grids side by side
         page.locator("#run-b-grid img").wait_for(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "ui-runs.png"))

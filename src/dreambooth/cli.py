@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml
+from .config import SAMPLERS, TrainConfig, build_config, dotted_to_nested, iter_fields, load_yaml, type_name
 from .errors import DreamBoothError
 from .evaluation.prompts import TEMPLATES
 from .presets import SAMPLE_PRESETS, TRAIN_PRESETS
@@ -30,17 +30,6 @@ presets (any flag overrides them):
 """ + "\n".join(f"  {name:8s} " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in TRAIN_PRESETS.items())
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        return " | ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " | null"
-    if origin is typing.Literal:
-        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
-    if origin is list:
-        return "list"
-    return getattr(tp, "__name__", str(tp))
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig leaf field, grouped by section, defaults suppressed (so we know what was given)."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with settings (same keys as the flags, nested).")
@@ -52,8 +41,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         base = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
         # argparse %-formats help strings: escape our own percent signs.
         kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "help": f"{help_text} (default: {default!r})".replace("%", "%%"),
-                        "metavar": "BOOL" if base is bool else _type_name(tp) if typing.get_origin(base) is typing.Literal
-                        else _type_name(tp).upper()}
+                        "metavar": "BOOL" if base is bool else type_name(tp) if typing.get_origin(base) is typing.Literal
+                        else type_name(tp).upper()}
         if key == "concepts":
             continue  # a list of mappings: YAML only
         if base is bool:
@@ -82,21 +71,16 @@ def cmd_train(args) -> None:
 def cmd_class_images(args) -> None:
     cfg = config_from_args(args)
     cfg.prior.enabled = True
-    cfg.validate()
-    from .data.buckets import buckets_for
     from .data.dataset import subject_examples
-    from .models.load import check_resolution, detect_family, model_folder
-    from .train import ensure_concept_class_images
+    from .data.prior import ensure_concept_class_images
+    from .plan import preflight
 
-    model_dir = model_folder(cfg.model)  # a single-file model.path: its converted (cached) folder
-    family = detect_family(model_dir, cfg.model.family)
-    check_resolution(cfg.data.resolution, model_dir, family)
-    # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
-    buckets = buckets_for(cfg.data, family, family.latent_factor(model_dir))
+    checked = preflight(cfg)  # train's own checks: settings, packages, model folder, family, resolution
     concepts = cfg.resolved_concepts()
-    subject = subject_examples(concepts, cfg.data) if buckets else []
+    # With buckets the class images are made at the bucket sizes of the subject photos, as train makes them.
+    subject = subject_examples(concepts, cfg.data) if checked.buckets else []
     for concept in concepts:
-        files = ensure_concept_class_images(cfg, concept, subject, buckets, model_dir, device=_device())
+        files = ensure_concept_class_images(cfg, concept, subject, checked.buckets, checked.model_dir, device=_device())
         prompts = concept.class_prompts or [concept.class_prompt]
         what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} class prompts ({prompts[0]!r}, ...)"
         print(f"{len(files)} class images for {what} in {concept.class_dir}")
@@ -302,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one held-out subject of the miniature world into the committed miniature "
                        "base model with the same `train` code path, write a before/after grid and print the evaluation, "
                        "with the acceptance bar's verdict (subject and prompt fidelity, class drift, and general prompt "
-                       "following against the base's). The recipe is the measured default (README: the acceptance bar): "
+                       "following against the base's). The recipe is the measured default (docs/experiments/acceptance-bar.md): "
                        "the paper's full fine-tune with the text encoder learning only the identifier's embedding, the "
                        "class prompt distilled from the frozen base, and light knowledge preservation.")
     p.add_argument("--output-dir", default=None, help="default: outputs/miniworld-demo (-sdxl / -if for those families)")

@@ -362,7 +362,7 @@ def run(args) -> int:
         from .models.load import detect_family
 
         family = detect_family(args.model)
-        step_factor = family.latent_factor(Path(args.model))
+        step_factor = family.resolution_step(Path(args.model))
     from .data.buckets import buckets_for
 
     buckets = buckets_for(data, family, step_factor)

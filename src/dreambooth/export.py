@@ -15,6 +15,7 @@ never a mix, once `files.finish_swap` (called by every reader of an output folde
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -96,21 +97,24 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
     from .interop.exports import SINGLE_FILE
     from .interop.kohya import KOHYA_WEIGHTS
 
+    # The card is published text (the Hub shows it): it names folders, never this machine's paths.
     concepts = cfg.resolved_concepts()
+    hub_id = base_hub_id(cfg.model.path, cfg.model.hub_id, base_dir)
+    base = hub_id or Path(cfg.model.path).name
     lines = [
         "---",
         "library_name: diffusers",
-        f"base_model: {cfg.model.path}",
+        *([f"base_model: {hub_id}"] if hub_id else []),  # the Hub reads a repo id here; a local base has none
         f"tags: [dreambooth, text-to-image, {family.hub_tag}" + (", lora]" if cfg.train.method == "lora" else "]"),
         "---",
         "",
-        f"# DreamBooth {'LoRA' if cfg.train.method == 'lora' else 'fine-tune'} of `{cfg.model.path}`",
+        f"# DreamBooth {'LoRA' if cfg.train.method == 'lora' else 'fine-tune'} of `{base}`",
         "",
         "## Prompts",
         "",
     ]
     for c in concepts:
-        lines.append(f"- instance prompt: `{c.instance_prompt}` (photos: `{c.instance_dir}`)"
+        lines.append(f"- instance prompt: `{c.instance_prompt}` (photos: `{Path(c.instance_dir).name}`)"
                      + (f"; class prompt: `{c.class_prompt}`" if cfg.prior.enabled else "")
                      + (f"; class images made with {len(c.class_prompts)} class prompts (`{c.class_prompts[0]}`, ...)"
                         if c.class_prompts else ""))
@@ -136,15 +140,20 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
         "## Use",
         "",
         "```python",
-        *family.usage(str(out), str(base_dir or cfg.model.path), cfg.train.method == "lora"),
+        *family.usage(out.name, base, cfg.train.method == "lora"),
     ]
-    lines += [f'pipe.load_textual_inversion("{out / EMBEDDINGS_DIR / f"{c.resolved_identifier}.safetensors"}")'
+    lines += [f'pipe.load_textual_inversion("{out.name}/{EMBEDDINGS_DIR}/{c.resolved_identifier}.safetensors")'
               for c in concepts] if cfg.train.method == "lora" and cfg.trains_identifier_embedding else []
     lines += [f'image = pipe("{concepts[0].instance_prompt}").images[0]', "```", "",
-              f"or `dreambooth sample {out} --prompt \"{concepts[0].instance_prompt}\"`.", ""]
-    if base_dir is not None and Path(cfg.model.path) != Path(base_dir):
-        lines += [f"Trained from the single file `{cfg.model.path}`; the base above is its diffusers copy.", ""]
-    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.single_file and not cfg.lora.use_dora):
+              f"or `dreambooth sample {out.name} --prompt \"{concepts[0].instance_prompt}\"`.", ""]
+    single_file = base_dir is not None and Path(cfg.model.path) != Path(base_dir)
+    if cfg.train.method == "lora" and not hub_id:
+        lines += [f"`{base}` is the local diffusers folder trained from" + (" (the single file's diffusers copy)"
+                  if single_file else "") + "; set model.hub_id to name its Hub id here.", ""]
+    if single_file:
+        lines += [f"Trained from the single file `{Path(cfg.model.path).name}`" + (
+            "; the base above is its diffusers copy." if cfg.train.method == "lora" else "."), ""]
+    if (out / KOHYA_WEIGHTS).is_file() or (cfg.train.method == "lora" and family.kohya_prefixes and not cfg.lora.use_dora):
         lines += [f"For AUTOMATIC1111 / ComfyUI: `{KOHYA_WEIGHTS}` (kohya format) in `models/Lora`"
                   + (f", and `{EMBEDDINGS_DIR}/*.safetensors` (the identifier's trained embedding, named after it) in "
                      "`embeddings`." if cfg.trains_identifier_embedding else "."), ""]
@@ -155,6 +164,20 @@ def model_card(cfg: TrainConfig, family, final_grid: Path | None, result, out: P
                   f"{cfg.validation.num_inference_steps} steps, seeds from {cfg.validation.seed}:", "",
                   f"![samples]({final_grid.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
+
+
+def base_hub_id(path: str, setting: str | None, base_dir: Path | None = None) -> str | None:
+    """The base model's Hub id where it is known: the model.hub_id `setting`, else the one huggingface_hub's
+    cache spells in the path of `path` (a folder or a single file) or of its diffusers copy `base_dir`
+    (HF_HOME/hub/models--ORG--NAME/snapshots/REVISION/...); None for a model that lives only here."""
+    if setting:
+        return setting
+    for candidate in (path, base_dir):
+        match = re.search(r"/models--([^/]+?)--([^/]+)/(?:snapshots|blobs)/", Path(candidate).absolute().as_posix() + "/") \
+            if candidate else None
+        if match:
+            return f"{match[1]}/{match[2]}"
+    return None
 
 
 def _text_encoder_note(name: str, te, lr: float) -> str:

@@ -220,7 +220,8 @@ def pick_identifier(model_dir: str | Path, settings: IdentifierSettings, out_dir
         candidates ranked: measured ones by association (lowest first), the flagged ones last.
     """
     from .config import ModelConfig
-    from .models.load import detect_family, model_folder
+    from .interop.single_file import model_folder
+    from .models.load import detect_family
     from .sampling import generate, image_grid, make_scheduler
 
     t0 = time.time()

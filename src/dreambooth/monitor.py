@@ -23,7 +23,7 @@ Two probes, each measured as the mean `objective.denoising_loss` over its triple
     subject_fit = subject_probe(model) / subject_probe(base)    (1 at step 0; falls as the subject is learned)
 
 What it is worth: it flags gross damage, but over the 12 miniature acceptance-bar runs it did not
-rank models by the classifier's class drift (README, "Does the drift probe predict measured drift?").
+rank models by the classifier's class drift (docs/experiments/drift-probe.md).
 
 The base's losses are measured once, on the weights as loaded, before a resume loads a checkpoint
 (full fine-tuning and freshly initialised LoRA adapters are then exactly the base), so no second
@@ -108,7 +108,7 @@ def probe_loss(comps: Components, probe: Probe, texts: dict[str, dict[str, torch
 def probe_class_images(cfg: TrainConfig, concepts: list[ConceptConfig], model_dir: Path, device, dtype) -> list[Example]:
     """Without prior preservation: `monitor.probe_size` base samples per concept of its class prompt (see above)."""
     from .data.class_images import ensure_class_images
-    from .train import class_image_settings
+    from .data.prior import class_image_settings
 
     examples = []
     for i, concept in enumerate(concepts):
@@ -155,16 +155,6 @@ class DriftMonitor:
         """Step 0's line: the base against itself (drift 0, subject_fit 1) and its probe losses."""
         return {"drift": 0.0, "subject_fit": 1.0, "probe_class_loss": self.base["class"],
                 "probe_subject_loss": self.base["subject"]}
-
-
-def checkpoint_scorer(cfg: TrainConfig, comps: Components, model_dir: Path):
-    """train.select=best's judge when a better one than the probe exists: in the miniature world, the
-    attribute classifier (miniworld/selection.py; called as scorer(comps) -> (score, metrics)). None: the probe."""
-    if cfg.train.select != "best":
-        return None
-    from .miniworld.selection import scorer
-
-    return scorer(cfg, comps, model_dir)
 
 
 def score(metrics: dict[str, float], fit_ratio: float) -> float | None:

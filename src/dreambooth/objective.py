@@ -19,7 +19,8 @@ class images drawn from the base, the image prior's target has f_base(x_t, t, c)
 expectation given x_t; distilling uses that expectation directly, so no images are needed and
 the target has no noise-draw variance. The noisy input must come from somewhere: here it is the
 base model's own sample for the prompt (`base_samples`: a few deterministic steps from pure
-noise), noised again at the sample's own timestep. Measured in the miniature world (README): the
+noise), noised again at the sample's own timestep. Measured in the miniature world
+(docs/guide/prior-preservation.md): the
 subject photo as the clean input set the class prompt against the instance prompt on identical
 inputs and stopped the subject from being learned (subject fidelity 0.09); pure noise (x0 = 0)
 constrains only the high-noise steps and let the class drift to the subject (drift 0.28).

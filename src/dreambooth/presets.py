@@ -21,8 +21,8 @@ UNET_LORA_ALL_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
                         "conv1", "conv2", "time_emb_proj")
 
 TRAIN_PRESETS: dict[str, dict[str, object]] = {
-    # The blog's rate, steps and batch, with what the miniature world's acceptance bar kept (README, "The
-    # acceptance bar"; the demo's default is this recipe's miniature analogue): the text encoder learns only the
+    # The blog's rate, steps and batch, with what the miniature world's bar kept (docs/experiments/acceptance-bar.md;
+    # the demo's default is this recipe's miniature analogue): the text encoder learns only the
     # identifier's embedding, alone for the first 100 steps (pivotal tuning; the miniature default: 200 before
     # 600) and at the miniature default's 1e-3 throughout, and the class prompt's target is the frozen base's own
     # prediction (no class images to generate; needs concept.class_prompt). Knowledge preservation needs general
@@ -46,7 +46,7 @@ TRAIN_PRESETS: dict[str, dict[str, object]] = {
     # the blog's steps and batch; not measured at full scale. The trained identifier (at textual inversion's 3e-3)
     # is saved beside the adapters as a textual-inversion file (embeddings/). In the miniature world adapters on
     # the attention projections alone (the diffusers script's targets) did not learn the subject (subject
-    # fidelity 0.44 and 0.53 at lr 1e-3 and 3e-3) where these layers did (README, "The acceptance bar").
+    # fidelity 0.44 and 0.53 at lr 1e-3 and 3e-3) where these layers did (docs/experiments/acceptance-bar.md).
     "object-lora": {
         "train.method": "lora",
         "lora.rank": 8,

@@ -8,8 +8,9 @@ the bucket whose aspect ratio is nearest its own, is scaled just enough to cover
 the thin strip that the remaining aspect difference leaves (`images.crop_box`). The original size
 and crop offset are recorded per image, which is what SDXL's size/crop time ids need.
 
-The step is the family's latent factor x 8 (64 px for SD's VAE, 8 px for IF, which works in
-pixels), so each bucket maps to whole latents that the UNet can halve three times.
+The step is the family's resolution step x 8 (`ModelFamily.resolution_step`: the latent factor x
+the denoiser's patch size; 64 px for SD's VAE and UNet, 8 px for IF, which works in pixels), so
+each bucket maps to whole latents (whole patches of them) that a UNet can halve three times.
 
 Every micro-batch comes from one bucket (tensors in a batch share a shape); `dataset.BucketOrder`
 chooses them, as a pure function of (seed, position) like the unbucketed order.
@@ -25,9 +26,9 @@ from ..errors import DreamBoothError
 Size = tuple[int, int]  # (height, width) in pixels
 
 
-def bucket_step(latent_factor: int) -> int:
-    """Bucket sides are multiples of this: latent factor x 8 (64 px for SD/SDXL, 8 px for IF)."""
-    return latent_factor * 8
+def bucket_step(resolution_step: int) -> int:
+    """Bucket sides are multiples of this: the model's resolution step x 8 (64 px for SD/SDXL, 8 px for IF)."""
+    return resolution_step * 8
 
 
 def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> list[Size]:
@@ -42,7 +43,7 @@ def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> li
     """
     for key, value in (("data.bucket_min_side", min_side), ("data.bucket_max_side", max_side)):
         if value % step or value <= 0:
-            raise DreamBoothError(f"{key} must be a positive multiple of {step} (the model's latent factor x 8), "
+            raise DreamBoothError(f"{key} must be a positive multiple of {step} (the bucket step), "
                                   f"got {value}; try {max(step, value // step * step)}")
     if not min_side <= resolution <= max_side:
         raise DreamBoothError(f"data.bucket_min_side ({min_side}) <= data.resolution ({resolution}) <= "
@@ -56,17 +57,18 @@ def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> li
     return sorted(sizes, key=lambda s: (s[1] / s[0], -s[0]))
 
 
-def bucket_table(data, latent_factor: int) -> list[Size]:
-    """The bucket table for a `DataConfig`: its resolution, sides and step (defaults from the model filled in)."""
-    step = data.bucket_step if data.bucket_step is not None else bucket_step(latent_factor)
-    if step <= 0 or step % latent_factor:
-        raise DreamBoothError(f"data.bucket_step must be a positive multiple of {latent_factor} (the model's latent factor), "
-                              f"got {step}; try {bucket_step(latent_factor)}")
+def bucket_table(data, resolution_step: int) -> list[Size]:
+    """The bucket table for a `DataConfig`: its resolution, sides and step (defaults from the model filled in).
+    `resolution_step`: the model's (`ModelFamily.resolution_step`), which every side must be a multiple of."""
+    step = data.bucket_step if data.bucket_step is not None else bucket_step(resolution_step)
+    if step <= 0 or step % resolution_step:
+        raise DreamBoothError(f"data.bucket_step must be a positive multiple of {resolution_step} (the model's resolution "
+                              f"step: latent factor x patch size), got {step}; try {bucket_step(resolution_step)}")
     min_side = data.bucket_min_side if data.bucket_min_side is not None else -(-data.resolution // 2 // step) * step
     max_side = data.bucket_max_side if data.bucket_max_side is not None else data.resolution * 2
     if data.resolution % step:
-        raise DreamBoothError(f"data.buckets=true needs data.resolution to be a multiple of {step} (the model's latent "
-                              f"factor x 8), got {data.resolution}; try {max(step, data.resolution // step * step)}, "
+        raise DreamBoothError(f"data.buckets=true needs data.resolution to be a multiple of {step} (the bucket step), "
+                              f"got {data.resolution}; try {max(step, data.resolution // step * step)}, "
                               "or set data.buckets=false")
     return bucket_sizes(data.resolution, step, min_side, max(max_side, data.resolution))
 
@@ -76,10 +78,11 @@ def uses_buckets(data, family) -> bool:
     return data.buckets if data.buckets is not None else bool(getattr(family, "buckets_by_default", False))
 
 
-def buckets_for(data, family, latent_factor: int) -> list[Size] | None:
-    """The bucket table this model trains with, or None without buckets (then no bucket_* setting may be given)."""
+def buckets_for(data, family, resolution_step: int) -> list[Size] | None:
+    """The bucket table this model trains with, or None without buckets (then no bucket_* setting may be given).
+    `resolution_step`: `family.resolution_step(model_dir)`."""
     if uses_buckets(data, family):
-        return bucket_table(data, latent_factor)
+        return bucket_table(data, resolution_step)
     given = [k for k in ("bucket_min_side", "bucket_max_side", "bucket_step") if getattr(data, k) is not None]
     if given:
         raise DreamBoothError(f"data.{given[0]} is set but buckets are off for this model: set data.buckets=true "

@@ -5,8 +5,9 @@ export.single_file) a full fine-tune as one original-layout file, built part by 
 diffusers folder just written, so frozen parts are their exact source weights.
 
 `verify_export` reloads each file through a path that is not ours (diffusers' `from_single_file`
-converters, `load_lora_weights`), counts tensors no converter read and parameters none filled, and
-compares network outputs with the trained modules (`verify.compare`).
+converters, `load_lora_weights`), counts tensors no converter read and parameters none filled,
+compares network outputs with the trained modules (`verify.compare`), and has the family's pipeline
+class load the output as its model card says and render one image (`verify.renders`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .embeddings import EMBEDDINGS_DIR, embedding_encoder, encoded
+from .embeddings import EMBEDDINGS_DIR, embedding_encoder, encoded, load_identifier_embeddings
 from .kohya import KOHYA_WEIGHTS, save_kohya
 from .single_file import TrackedDict, folder_to_single_file, load_part_from, read_checkpoint, saved_part
-from .verify import FP32, HALF, Verification, compare, same_weights, tolerance
+from .verify import FP32, HALF, Verification, compare, renders, same_weights, tolerance, user_pipeline
 
 SINGLE_FILE = "model.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -29,14 +30,12 @@ REPORT = "verification.json"
 def write_formats(comps, folder: Path, trainable, lora: bool, settings) -> list[str]:
     """Write the single-file formats the family has into `folder` (a staged export); their names."""
     fam = comps.family
-    if not fam.single_file:
-        return []
     if lora:
-        if is_dora(comps.denoiser):  # diffusers reads our dora_scale keys back wrongly (verification fails): not offered
+        if not fam.kohya_prefixes or is_dora(comps.denoiser):  # diffusers reads our dora_scale keys back wrongly
             return []
-        save_kohya(comps.modules, sorted(trainable.adapted), fam.text_encoders, folder / KOHYA_WEIGHTS)
+        save_kohya(comps.modules, sorted(trainable.adapted), fam, folder / KOHYA_WEIGHTS)
         return [KOHYA_WEIGHTS]
-    if settings.single_file:
+    if settings.single_file and fam.single_file:
         dtype = torch.float16 if settings.single_file_precision == "fp16" else None
         folder_to_single_file(folder, folder / SINGLE_FILE, dtype)
         return [SINGLE_FILE]
@@ -60,9 +59,15 @@ def verify_export(comps, out: Path, trainable, lora: bool) -> Verification:
 
 
 def _verify_lora(comps, out: Path, trainable, report: Verification) -> None:
-    from ..models.load import load_components
-
-    base = comps.family.pipeline(load_components(comps.model_dir, comps.family.name))
+    fam = comps.family
+    # the base as a user loads it, then the LoRA (and the identifier's embeddings) on it: one image
+    base = user_pipeline(fam, comps.model_dir, **_replaced_parts(comps))
+    with_embeddings = embedding_encoder(trainable) is not None
+    renders(report, f"{LORA_WEIGHTS} on {fam.pipeline_class_names[0]}.from_pretrained(base)", fam,
+            lambda: _with_lora(base, out, with_embeddings), LORA_WEIGHTS)
+    base.unload_lora_weights()
+    if with_embeddings:
+        base.unload_textual_inversion()
     # The fresh base in the trained model's precision, but on the CPU: a second copy on the GPU could
     # take a run that fitted its memory budget over it, after the model was written.
     for part in trainable.modules:
@@ -75,10 +80,30 @@ def _verify_lora(comps, out: Path, trainable, report: Verification) -> None:
             report.fail(f"{file}: load_lora_weights failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file)
             continue
         for part in sorted(trainable.adapted):
-            compare(report, f"{file} {part}", comps.modules[part], getattr(base, part),
+            compare(report, f"{file} {part}", fam, part, comps.modules[part], getattr(base, part),
                     tolerance(comps.modules[part], getattr(base, part)), file)
         base.unload_lora_weights()
     _verify_embeddings(comps, out, trainable, base, report)
+
+
+def _with_lora(pipe, out: Path, with_embeddings: bool):
+    """`pipe` with the LoRA output `out` loaded as its model card says: the adapters, then the embeddings."""
+    pipe.load_lora_weights(out, weight_name=LORA_WEIGHTS)
+    if with_embeddings:
+        load_identifier_embeddings(pipe, out)
+    return pipe
+
+
+def _replaced_parts(comps) -> dict:
+    """The parts trained from another folder than the base's (model.vae_path), loaded from there for the
+    user's pipeline, by the class the base's model_index.json names."""
+    import importlib
+
+    if not comps.sources:
+        return {}
+    index = json.loads((comps.model_dir / "model_index.json").read_text())
+    return {name: getattr(importlib.import_module(index[name][0]), index[name][1]).from_pretrained(path)
+            for name, path in comps.sources.items()}
 
 
 def _verify_embeddings(comps, out: Path, trainable, base, report: Verification) -> None:
@@ -108,6 +133,7 @@ def _verify_full(comps, out: Path, trainable, report: Verification) -> None:
     for part in sorted(trainable.modules):  # the diffusers folder holds what was trained
         # the same class and config wrote and read it: equal weights are the whole check
         same_weights(report, f"{part}/ (diffusers folder)", comps.modules[part], saved_part(out, part), part)
+    renders(report, f"{fam.pipeline_class_names[0]}.from_pretrained(output)", fam, lambda: user_pipeline(fam, out))
     if (out / SINGLE_FILE).is_file():
         check_single_file(out, out / SINGLE_FILE, fam, report)
 
@@ -125,9 +151,12 @@ def check_single_file(folder: Path, path: Path, fam, report: Verification) -> No
         except Exception as e:  # noqa: BLE001 - a part diffusers cannot rebuild is the finding
             report.fail(f"{path.name} {part}: {str(e).splitlines()[0]}", path.name)
             continue
-        compare(report, f"{path.name} {part}", saved_part(folder, part), from_file, HALF if half else FP32, path.name)
+        compare(report, f"{path.name} {part}", fam, part, saved_part(folder, part), from_file, HALF if half else FP32,
+                path.name)
     unread = sorted(set(state) - tracked.read)
     if unread:
         report.fail(f"{path.name}: {len(unread)} tensor(s) no converter read, e.g. {unread[0]}", path.name)
     else:
         report.checks.append(f"{path.name}: all {len(state)} tensors read")
+    renders(report, f"{path.name} through {fam.pipeline_class_names[0]}.from_single_file", fam,
+            lambda: user_pipeline(fam, folder, path), path.name)

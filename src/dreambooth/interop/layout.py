@@ -161,13 +161,23 @@ def is_flattened(module) -> bool:
     return not any(k.startswith("text_model.") for k in module.state_dict())
 
 
+OPEN_CLIP_ACTIVATION = "gelu"  # OpenCLIP text towers (SD 2.x's ViT-H, SDXL's bigG); OpenAI's CLIP ViT-L: quick_gelu
+
+
 def uses_open_clip(text_config) -> bool:
-    """OpenCLIP text towers (SD 2.x's ViT-H, SDXL's bigG) use GELU; OpenAI's CLIP ViT-L uses QuickGELU."""
-    return text_config.hidden_act == "gelu"
+    """Whether a CLIP text config is an OpenCLIP tower (by its activation, `OPEN_CLIP_ACTIVATION`)."""
+    return text_config.hidden_act == OPEN_CLIP_ACTIVATION
+
+
+TABLES = ("unet", "vae", "text")
 
 
 def to_original(prefix: str, module, kind: str) -> dict[str, torch.Tensor]:
-    """One module's state dict in the original layout, under `prefix`. kind: unet | vae | text."""
+    """One module's state dict in the original layout, under `prefix`. kind, the table a family declares for
+    the part (`ModelFamily.single_file_tables`): unet (LDM's openaimodel UNet) | vae (LDM's AutoencoderKL) |
+    text (a CLIP text encoder, OpenAI's or OpenCLIP's, told apart by its config)."""
+    if kind not in TABLES:
+        raise ValueError(f"no single-file table {kind!r} for {module.__class__.__name__}; known: {', '.join(TABLES)}")
     state = module.state_dict()
     keys, fused, convs = list(state), {}, set()
     if kind == "unet":

@@ -1,6 +1,6 @@
 """Single-file checkpoints (one `.safetensors`/`.ckpt`, as AUTOMATIC1111 and ComfyUI keep them) in and out.
 
-In: `read_checkpoint` opens the file safely, `detect_family` recognises it by its key prefixes
+In: `read_checkpoint` opens the file safely, `checkpoint_family` recognises it by its key prefixes
 (each family's `single_file` table), and `to_diffusers` rebuilds a diffusers folder through
 diffusers' own single-file converters (`from_single_file`), given a folder of configs - the ones
 shipped in `assets/single_file/` for the public base models, or the user's. Nothing is fetched:
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DreamBoothError
+from ..models.load import FAMILIES, detect_family
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "single_file"
 CLIP_VOCAB = Path(__file__).resolve().parent.parent / "assets" / "clip_vocab"  # the full 49,408-token CLIP BPE
@@ -87,10 +88,9 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> tuple[dict[
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
 
 
-def detect_family(state: dict, path: str | Path):
-    """The family whose single-file prefixes all appear in the checkpoint's keys."""
-    from ..models.load import FAMILIES
-
+def checkpoint_family(state: dict, path: str | Path):
+    """The family whose single-file prefixes all appear in the checkpoint's keys (`models.load.detect_family`
+    is the same question asked of a diffusers folder's model_index.json)."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in state)
 
@@ -124,24 +124,45 @@ def cache_root() -> Path:
 
 
 def shipped_config(fam, state: dict, metadata: dict[str, str], path: Path) -> Path:
-    """The shipped config folder for a public base model of this family, chosen from the keys
-    (OpenCLIP text encoder = SD 2.x) and, for SD 2.x, the prediction type (768-v or 512 base)."""
-    if fam.name == "sdxl":
-        return SHIPPED / "sdxl-base"
-    if not any(k.startswith("cond_stage_model.model.") for k in state):
-        return SHIPPED / "sd15"
-    prediction = metadata.get(PREDICTION_KEY) or ("v" if _answers_in_v(state) else "epsilon")
-    return SHIPPED / ("sd2-768-v" if prediction.startswith("v") else "sd2-512")
+    """The shipped config folder of the family's public base model this file is (`ModelFamily.single_file_configs`,
+    in order): those whose text encoders are the file's kind (OpenCLIP or OpenAI CLIP keys; SD 2.x against 1.x),
+    then, where several remain (SD 2.x's 512 base and 768-v), the one of the file's prediction type."""
+    fits = [SHIPPED / name for name in fam.single_file_configs if _same_text_encoders(fam, state, SHIPPED / name)]
+    if not fits:
+        raise DreamBoothError(f"{path}'s text encoder keys match none of the shipped {fam.name} configs "
+                              f"({', '.join(fam.single_file_configs)}); pass its architecture with --config / "
+                              "model.single_file_config (a diffusers folder of this model)")
+    if len(fits) > 1:
+        prediction = metadata.get(PREDICTION_KEY) or ("v" if _answers_in_v(state, fits[0]) else "epsilon")
+        fits = [c for c in fits if _prediction_type(c).startswith(prediction[0])] or fits  # v / v_prediction, epsilon
+    return fits[0]
 
 
-def _answers_in_v(state: dict) -> bool:
+def _same_text_encoders(fam, state: dict, config_dir: Path) -> bool:
+    """Whether each text encoder of the config is of the kind the file holds under its prefix: OpenCLIP
+    (GELU; keys `<prefix>model.`) or OpenAI CLIP (QuickGELU; keys `<prefix>transformer.`)."""
+    from .layout import OPEN_CLIP_ACTIVATION
+
+    for part in fam.text_encoders:
+        config = json.loads((config_dir / part / "config.json").read_text())
+        open_clip = any(k.startswith(fam.single_file[part] + "model.") for k in state)
+        if open_clip != (config.get("hidden_act") == OPEN_CLIP_ACTIVATION):
+            return False
+    return True
+
+
+def _prediction_type(config_dir: Path) -> str:
+    return json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type", "epsilon")
+
+
+def _answers_in_v(state: dict, config_dir: Path) -> bool:
     """SD 2.x files do not say whether they predict noise (512 base) or v (768-v). Ask the UNet, as
     AUTOMATIC1111 does: at t=999 on a constant input an epsilon model returns about its input, a
     v model about its negative, so the mean of (output - input) falls well below -1 only for v."""
-    unet = load_part_from(state, SHIPPED / "sd2-512", "unet", "UNet2DConditionModel")
-    x = torch.full((1, 4, 8, 8), 0.5)
+    unet = load_part_from(state, config_dir, "unet", "UNet2DConditionModel")
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
     with torch.no_grad():
-        out = unet(x, torch.tensor([999]), encoder_hidden_states=torch.full((1, 2, 1024), 0.5)).sample
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=torch.full((1, 2, unet.config.cross_attention_dim), 0.5)).sample
     return (out - x).mean().item() < -1
 
 
@@ -160,8 +181,11 @@ def load_part_from(state: dict, config_dir: Path, part: str, class_name: str, dt
             model = create_diffusers_clip_model_from_ldm(getattr(transformers, class_name), state, subfolder=part,
                                                          config=str(config_dir), local_files_only=True)
     except (ValueError, RuntimeError, KeyError) as e:  # shapes or names that do not fit the config
-        shapes = re.search(r"(\S+) expected shape (.*?), but got (.*?)\.", str(e))
-        why = f"{shapes[1]} is {shapes[3]}, the config wants {shapes[2]}" if shapes else str(e).splitlines()[0][:200]
+        # diffusers: "... because K expected shape torch.Size([1280, 320]), but got torch.Size([128, 32]). ..."
+        shapes = re.search(r"(\S+) expected shape (?:torch\.Size\()?(\[[^\]]*\])\)?, but got (?:torch\.Size\()?(\[[^\]]*\])",
+                           str(e))
+        why = (f"{shapes[1]} is {shapes[3]} in the file, the config wants {shapes[2]}" if shapes
+               else str(e).splitlines()[0][:200])
         raise DreamBoothError(f"the checkpoint's {part} does not fit the architecture in {config_dir} "
                               f"({why}); pass the matching config (--config / "
                               "model.single_file_config: a shipped name or a diffusers folder of this model)") from None
@@ -215,7 +239,7 @@ def to_diffusers(path: str | Path, out: str | Path, config: str | Path | None = 
     """Convert a single-file checkpoint into a diffusers folder at `out` (written whole, then renamed)."""
     path, out = Path(path), Path(out)
     state, metadata = read_checkpoint(path, allow_pickle)
-    fam = detect_family(state, path)
+    fam = checkpoint_family(state, path)
     config_dir = resolve_config(config) if config else shipped_config(fam, state, metadata, path)
     modules, unread = load_modules(state, fam, config_dir)
     if unread:
@@ -224,10 +248,12 @@ def to_diffusers(path: str | Path, out: str | Path, config: str | Path | None = 
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # one per process: several may convert at once
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy(config_dir / "model_index.json", tmp / "model_index.json")
     shutil.copytree(config_dir / "scheduler", tmp / "scheduler")
-    for name, tok in tokenizers_from(config_dir).items():
+    tokenizers = tokenizers_from(config_dir)
+    for name, tok in tokenizers.items():
         tok.save_pretrained(tmp / name)
+    index = written_index(json.loads((config_dir / "model_index.json").read_text()), {*modules, *tokenizers, "scheduler"})
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, module in modules.items():
         module.save_pretrained(tmp / name, safe_serialization=True)
     (tmp / "single_file_source.json").write_text(json.dumps({"file": str(path.resolve()), "config": config_dir.name}))
@@ -237,6 +263,18 @@ def to_diffusers(path: str | Path, out: str | Path, config: str | Path | None = 
         if not (out / "model_index.json").is_file():
             raise
         shutil.rmtree(tmp)
+    return out
+
+
+def written_index(index: dict, written: set[str]) -> dict:
+    """The config folder's model_index.json for a folder that holds only the `written` parts: every other
+    part it names (a real SD 1.5 folder's feature_extractor and safety_checker, which no single file
+    holds) becomes [null, null], diffusers' mark of an absent optional part, so `from_pretrained` loads
+    the folder instead of looking for a sub-folder that is not there; and no safety checker is asked for."""
+    out = {key: [None, None] if isinstance(value, list) and len(value) == 2 and key not in written else value
+           for key, value in index.items()}
+    if "requires_safety_checker" in out:
+        out["requires_safety_checker"] = False
     return out
 
 
@@ -266,6 +304,15 @@ def cached_folder(path: str | Path, config: str | Path | None = None, allow_pick
     return out
 
 
+def model_folder(model) -> Path:
+    """The diffusers folder for ModelConfig `model`: its path, or for a single-file checkpoint the
+    folder converted from it (once; cached by the file's hash). The loader (`models.load`) reads
+    only diffusers folders; turning a file into one is this module's job."""
+    if is_single_file(model.path):
+        return cached_folder(model.path, model.single_file_config, model.allow_pickle)
+    return Path(model.path)
+
+
 def original_state_dict(modules, fam, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The modules' weights in the family's single-file layout (`layout.to_original`). `modules` maps
     part -> module, or is a function part -> module, so parts can be loaded one at a time."""
@@ -274,8 +321,7 @@ def original_state_dict(modules, fam, dtype: torch.dtype | None = None) -> dict[
     get = modules if callable(modules) else modules.__getitem__
     state: dict[str, torch.Tensor] = {}
     for part, prefix in fam.single_file.items():
-        kind = "unet" if part == fam.denoiser else "text" if part in fam.text_encoders else "vae"
-        for key, value in to_original(prefix, get(part), kind).items():
+        for key, value in to_original(prefix, get(part), fam.single_file_tables[part]).items():
             state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return state
 
@@ -292,8 +338,6 @@ def saved_part(folder: Path, part: str, dtype=None):
 
 def folder_to_single_file(folder: str | Path, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """A diffusers folder (a base model or a full fine-tune's output) -> one original-layout file."""
-    from ..models.load import detect_family
-
     folder = Path(folder)
     fam = detect_family(folder)
     if not fam.single_file:

@@ -1,15 +1,22 @@
 """Check an export by loading it back through an independent path and running the networks.
 
-`probe` runs one module on fixed-seed inputs shaped from its own config (a UNet gets a latent, a
-timestep, text states and, where its config asks, SDXL's size/pool embedding or class labels; a
-text encoder gets token ids and returns every hidden state; a VAE decodes a latent). `compare`
-runs the same probe on two modules and reports the largest difference per output, so a wrong
-config (an attention head count, a linear vs conv projection) fails even when every tensor loaded.
+A probe runs one module on fixed-seed inputs that its family shapes from the module's config
+(`ModelFamily.probe_inputs`: a UNet gets a latent, a timestep, text states and, where its family
+needs them, SDXL's size/pool embedding or IF's class labels; a text encoder gets token ids and
+returns every hidden state; a VAE decodes a latent). `compare` runs the same probe on two modules
+and reports the largest difference per output, so a wrong config (an attention head count, a
+linear vs conv projection) fails even when every tensor loaded.
+
+`renders` is the last check of every export and conversion: the family's pipeline class loads the
+written model as a user loads it (`user_pipeline`: `from_pretrained` or `from_single_file`, offline)
+and renders one image at the smallest size in two steps.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,58 +43,43 @@ class Verification:
         return "; ".join(self.checks)
 
 
-def _inputs(module, generator: torch.Generator) -> tuple[str, dict]:
-    config = module.config
-    dtype = next(module.parameters()).dtype
-    device = next(module.parameters()).device
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device, dtype)
-
-    if hasattr(config, "vocab_size"):  # a text encoder (transformers config); T5 has no position limit
-        length = getattr(config, "max_position_embeddings", 16)
-        ids = torch.randint(0, config.vocab_size, (2, length), generator=generator).to(device)
-        return "text", {"input_ids": ids, "output_hidden_states": True}
-    if "latent_channels" in config:  # a VAE: decode a small latent
-        return "vae", {"z": randn(1, config["latent_channels"], 4, 4)}
-    kwargs = {"sample": randn(1, config["in_channels"], 8, 8), "timestep": torch.tensor([500], device=device),
-              # IF's UNet takes T5 states (encoder_hid_dim) and projects them to its cross-attention width
-              "encoder_hidden_states": randn(1, 6, config.get("encoder_hid_dim") or config["cross_attention_dim"])}
-    if config.get("addition_embed_type") == "text_time":  # SDXL: 6 size/crop ids + the pooled text embedding
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = {"text_embeds": randn(1, pooled), "time_ids": randn(1, 6) * 100}
-    if config.get("num_class_embeds") or config.get("class_embed_type") == "timestep":
-        kwargs["class_labels"] = torch.tensor([20], device=device)
-    return "unet", kwargs
+def _moved(value, device, dtype):
+    """Probe inputs onto the module's device; floating tensors in its dtype (token ids and timesteps keep theirs)."""
+    if isinstance(value, dict):
+        return {k: _moved(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return value
 
 
 @torch.no_grad()
-def _run(module, seed: int) -> list[torch.Tensor]:
-    kind, kwargs = _inputs(module, torch.Generator().manual_seed(seed))
+def _run(fam, part: str, module, seed: int) -> list[torch.Tensor]:
+    first = next(module.parameters())
+    kwargs = _moved(fam.probe_inputs(part, module.config, torch.Generator().manual_seed(seed)), first.device, first.dtype)
     training, wrapper = module.training, module.__dict__.get("forward")
     module.eval()  # no dropout (a LoRA's included): the probe must be deterministic
     if "_original_forward" in module.__dict__:  # accelerate's mixed-precision wrapper: probe the network itself
         module.forward = module._original_forward
     try:
-        if kind == "vae":
+        if part != fam.denoiser and part not in fam.text_encoders:  # a VAE: decode
             return [module.decode(**kwargs).sample.float().cpu()]
         out = module(**kwargs)
     finally:
         module.train(training)
         if wrapper is not None:
             module.forward = wrapper
-    if kind == "unet":
+    if part == fam.denoiser:
         return [out.sample.float().cpu()]
     tensors = list(out.hidden_states) + [out.last_hidden_state]
     extra = getattr(out, "text_embeds", None)  # SDXL's projected pool
     return [t.float().cpu() for t in tensors + ([extra] if extra is not None else [])]
 
 
-def compare(report: Verification, what: str, reference, candidate, relative: float = 0.0, file: str = "",
-            seed: int = 0) -> None:
-    """Run both modules on the same inputs; record the largest difference over every output. It may
-    be at most `relative` x the reference's largest output magnitude."""
-    a, b = _run(reference, seed), _run(candidate, seed)
+def compare(report: Verification, what: str, fam, part: str, reference, candidate, relative: float = 0.0,
+            file: str = "", seed: int = 0) -> None:
+    """Run both copies of the family's module `part` on the same inputs (`ModelFamily.probe_inputs`); record
+    the largest difference over every output. It may be at most `relative` x the reference's largest output."""
+    a, b = _run(fam, part, reference, seed), _run(fam, part, candidate, seed)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         report.fail(f"{what}: outputs have different shapes", file)
         return
@@ -116,3 +108,50 @@ def same_weights(report: Verification, what: str, reference, candidate, file: st
         report.fail(f"{what}: {len(differ) or len(set(b) - set(a))} weight(s) differ, e.g. {(differ or sorted(set(b) - set(a)))[0]}", file)
     else:
         report.checks.append(f"{what}: all {len(a)} weights bitwise equal")
+
+
+RENDER_STEPS = 2  # the fewest every shipped sampler takes (PNDM's first step is a warm-up)
+
+
+def user_pipeline(fam, folder: Path, single_file: Path | None = None, **parts):
+    """The family's pipeline class loading `folder` as a user does, offline: `from_pretrained(folder)`, or with
+    `single_file`, `from_single_file(single_file, config=folder)`. Optional parts the family does not train
+    (a safety checker, its feature extractor) that the folder holds are passed as None: a render does not
+    need them, and loading a safety checker costs a second CLIP. One that model_index.json names but the
+    folder lacks is left to diffusers, which fails on it as it would for the user. `parts` replace others."""
+    import json
+
+    import diffusers
+
+    cls = getattr(diffusers, fam.pipeline_class_names[0])
+    accepted = inspect.signature(cls.__init__).parameters
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    held = {name for name, entry in index.items() if not isinstance(entry, list) or entry[0] is None
+            or (Path(folder) / name).is_dir()}
+    kwargs = {name: None for name in getattr(cls, "_optional_components", [])
+              if name not in fam.parts and name in accepted and name in held}
+    if "requires_safety_checker" in accepted:
+        kwargs["requires_safety_checker"] = False
+    kwargs.update(parts, local_files_only=True)
+    if single_file is not None:
+        return cls.from_single_file(str(single_file), config=str(folder), **kwargs)
+    return cls.from_pretrained(folder, **kwargs)
+
+
+def renders(report: Verification, what: str, fam, load, file: str = "") -> None:
+    """`load()` -> a pipeline (`user_pipeline`); it must render one image, finite and of the asked size, from
+    the family's cheapest call (`ModelFamily.render_inputs`)."""
+    try:
+        pipe = load()
+        inputs = fam.render_inputs(pipe)
+        images = pipe(**inputs, num_inference_steps=RENDER_STEPS, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    except Exception as e:  # noqa: BLE001 - any failure to load or render is the finding
+        report.fail(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file)
+        return
+    images = torch.as_tensor(images)
+    shape = (1, inputs["height"], inputs["width"], 3)
+    if tuple(images.shape) != shape or not torch.isfinite(images).all():
+        report.fail(f"{what}: rendered {tuple(images.shape)} (want {shape}), finite: {bool(torch.isfinite(images).all())}", file)
+    else:
+        report.checks.append(f"{what}: rendered a {shape[1]}x{shape[2]} image in {RENDER_STEPS} steps")

@@ -51,8 +51,8 @@ def preserve_prompts(leave_out_selection: bool = False) -> list[str]:
     return [world.describe(*combo) for combo in world.world_combinations() if combo not in asked]
 
 
-# The default: what the acceptance bar (experiments.TARGETS, every held-out subject x several training seeds;
-# README "The acceptance bar") kept of the paper's recipe and what it changed. Over training seeds 0-9 it meets
+# The default: what the acceptance bar (bar.TARGETS, every held-out subject x several training seeds;
+# docs/experiments/acceptance-bar.md) kept of the paper's recipe and what it changed. Over training seeds 0-9 it meets
 # every target on 28 of 40 runs (the earlier default, below: 25; the paper's recipe: 0 of seeds 0-2), and on the
 # 20 runs of seeds 5-9, which played no part in any choice, 15 (the earlier default 13); its worst subject
 # fidelity there is 0.97 (0.25) and its class drift 0.00 everywhere.
@@ -91,7 +91,7 @@ DEMO_SETTINGS: dict[str, Any] = {**PAPER_SETTINGS, **DEFAULT_CHANGES}
 # saved as a textual-inversion file. It meets every target on all 12 runs of seeds 0-2; 700 steps was chosen on
 # those runs, between 600 (7 of 12: two banded_heart seeds had not learned the subject, 0.53 and 0.78) and 800
 # (10 of 12: split_moon's prompt following fell to 0.91 and 0.92 in two seeds). On training seeds 3 and 4, never
-# used in choosing, it met 3 of 8, and on seeds 5-9 11 of 20 (the full default 15; README). The pivot before it
+# used in choosing, it met 3 of 8, and on seeds 5-9 11 of 20 (full default 15; acceptance-bar.md). The pivot before it
 # met 2 of 6 of its misses against 1, and cost prompt following, so LoRA goes without it. Adapters on the
 # attention projections alone learned half the subject at best (banded_heart seed 0: subject fidelity 0.44 at
 # lr 1e-3, 0.53 at 3e-3), and without the identifier's embedding none of it (0.00, text encoder frozen).
@@ -108,7 +108,7 @@ LORA_CHANGES: dict[str, Any] = {
 NO_PRIOR: dict[str, Any] = {"prior.enabled": False, "prior.source": "images", "prior.preserve_weight": 0.0, "prior.preserve_prompts": []}
 
 
-# The bar chose the default on the SD base only. On the weak IF base (README, "The miniature DeepFloyd IF base")
+# The bar chose the default on the SD base only. On the weak IF base (docs/experiments/miniature-bases.md)
 # it did worse than the paper's recipe (banded_heart, one seed: subject / prompt fidelity / drift / following
 # 0.31 / 0.03 / 0.22 / 0.01 against 0.69 / 0.22 / 0.00 / 0.04), plausibly because the base's own 4-step samples,
 # which the model prior distils on, are noise on this base (it needs DDPM 100), so the IF demo keeps the paper's.
@@ -194,12 +194,13 @@ def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "band
     """Train `subject` into the base, write grid.png and evaluation.json under `output_dir`, return the evaluation
     (`recipe`: default DEMO_SETTINGS; PAPER_SETTINGS for the paper's)."""
     from ..train import train
+    from .selection import judge_for
 
     t0 = time.time()
     output_dir = Path(output_dir)
     world.write_instance_images(subject, output_dir / "instance_images")
     cfg = demo_config(output_dir, subject, base_dir, overrides, recipe)
-    result = train(cfg)
+    result = train(cfg, judge=judge_for(cfg))  # train.select=best: the classifier scores checkpoints
     train_seconds = time.time() - t0
     model_dir = Path(cfg.train.output_dir)
     settings = default_settings(base_dir, n_eval, seed)  # the sampler suited to the base's family
@@ -210,7 +211,7 @@ def demo(output_dir: str | Path = "outputs/miniworld-demo", subject: str = "band
                        "total_seconds": round(time.time() - t0, 1)})
     (output_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     if verbose:
-        from .experiments import bar_line
+        from .bar import bar_line
 
         print(format_table(evaluation))
         if "base" in evaluation:

@@ -5,14 +5,15 @@ When a run trains one of the bundled miniature bases on a held-out subject's pho
 drift probe is not the best judge we have: `evaluate.measure` is. Each checkpoint is then rendered
 with a small `n` (8 images per prompt, one per attribute prompt: a few seconds at 32 px; seeds and
 attribute prompts apart from the evaluation's, `evaluate.SELECTION_SETTINGS`) and scored against the
-acceptance bar's targets (`experiments.TARGETS`):
+acceptance bar's targets (`bar.TARGETS`). The miniature world passes it to the trainer
+(`train(cfg, judge=judge_for(cfg))`); the trainer never looks for it:
 
     score = number of targets missed + 0.99 * mean shortfall over the four targets (0..1)
 
 so a checkpoint that meets more targets always wins, and among equals the one closest to meeting
 them. The base is measured once at the start with the same settings (its prompt following is the
 reference). Rendering uses its own seeds and the torch RNG is restored afterwards, so training is
-unchanged. Outside the miniature world `scorer` returns None and the drift probe scores.
+unchanged. Without a judge, the drift probe scores.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from ..data.images import list_images
 from . import world
 from .evaluate import BASES, DEFAULT_CLASSIFIER, SELECTION_SETTINGS, EvalSettings, measure
-from .experiments import TARGETS, meets
+from .bar import TARGETS, meets
 
 SETTINGS = SELECTION_SETTINGS
 
@@ -75,11 +76,12 @@ class ClassifierScore:
             "subject_fidelity", "prompt_fidelity", "class_drift")}, "prompt_following": m["prompt_following"]["all"]}
 
 
-def scorer(cfg, comps, model_dir: Path) -> Optional[ClassifierScore]:
-    """A ClassifierScore when the run is in the miniature world (bundled base, one held-out subject, classifier present)."""
-    bases = {Path(b).resolve() for b in BASES.values()}
+def judge_for(cfg):
+    """`train(cfg, judge=...)`'s judge for a run of a bundled base on one held-out subject's photos, when the
+    classifier is installed: called with the base's components, it returns their ClassifierScore. None otherwise."""
     concepts = cfg.resolved_concepts()
-    if Path(model_dir).resolve() not in bases or len(concepts) != 1 or not (DEFAULT_CLASSIFIER / "config.json").is_file():
+    bundled = Path(cfg.model.path).resolve() in {Path(b).resolve() for b in BASES.values()}
+    if not bundled or len(concepts) != 1 or not (DEFAULT_CLASSIFIER / "config.json").is_file():
         return None
     subject = subject_of(concepts[0].instance_dir)
-    return ClassifierScore(comps, subject) if subject is not None else None
+    return None if subject is None else (lambda comps: ClassifierScore(comps, subject))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..schedule import DDPMSchedule
 from .family import Components, load_part, module_device, own_scheduler
-from .sd import lora_layers, pipeline_usage, unet_predict
+from .sd import RENDER_PROMPT, lora_layers, pipeline_usage, smallest_side, text_probe_inputs, unet_predict, unet_probe_inputs
 
 T5_MAX_LENGTH = 77  # "the text encoder was trained with a max length of 77 for IF" (diffusers' IF pipelines)
 LOW_RES_FACTOR = 4  # stage II upscales 4x (64 -> 256 px); its conditioning image is x0 shrunk by this much
@@ -61,6 +61,9 @@ class _IFBase:
                     "text_encoder": ("q", "k", "v", "o")}  # T5's attention projections
     refuses: dict[str, str] = {}
     single_file = None  # IF is published only as diffusers folders; no A1111/ComfyUI single-file layout exists
+    single_file_tables = None
+    single_file_configs: tuple[str, ...] = ()
+    kohya_prefixes = None  # no kohya LoRA format for IF either
     trains_with_identifier = True
     identifier_embedding_file = False  # IF's pipelines have no textual-inversion loader (T5)
     buckets_by_default = False
@@ -73,6 +76,26 @@ class _IFBase:
 
     def latent_factor(self, model_dir: Path) -> int:
         return 1
+
+    def resolution_step(self, model_dir: Path) -> int:
+        return 1  # pixel space, a UNet
+
+    def probe_inputs(self, module_name: str, config, generator: torch.Generator) -> dict:
+        if module_name in self.text_encoders:
+            return text_probe_inputs(config, generator)
+        inputs = unet_probe_inputs(config, generator, config.get("encoder_hid_dim"))  # T5 states, projected inside
+        if config.get("class_embed_type") == "timestep" or config.get("num_class_embeds"):  # stage II's noise level
+            inputs["class_labels"] = torch.tensor([20])
+        return inputs
+
+    def render_inputs(self, pipe) -> dict:
+        side = smallest_side(pipe.unet.config, 1)
+        # clean_caption needs bs4 and ftfy, which we do not install; our prompts are cleaned as clean_prompt says
+        inputs = {"height": side, "width": side, "clean_caption": False}
+        if pipe.text_encoder is None:  # exported without it (export.save_text_encoder=false): T5 states of zeros
+            zeros = torch.zeros(1, T5_MAX_LENGTH, pipe.unet.config.encoder_hid_dim)
+            return {**inputs, "prompt_embeds": zeros, "negative_prompt_embeds": zeros}
+        return {**inputs, "prompt": RENDER_PROMPT}
 
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -179,6 +202,13 @@ class IFStageIIFamily(_IFBase):
         cond = dict(cond)
         inputs = torch.cat([noisy, cond.pop("image").to(noisy.dtype)], dim=1)  # noisy target first, as the pipeline
         return epsilon_half(unet_predict(comps, inputs, timesteps, cond), noisy.shape[1])
+
+    def render_inputs(self, pipe) -> dict:
+        from PIL import Image
+
+        inputs = super().render_inputs(pipe)
+        low = max(1, inputs["height"] // LOW_RES_FACTOR)
+        return {**inputs, "image": Image.new("RGB", (low, low), (128, 128, 128))}  # the low-resolution input
 
     def sample_inputs(self, comps: Components, photos: list, n: int) -> dict[str, list]:
         """Validation upscales the instance photos themselves, shrunk to the stage I size (the seed has users

@@ -11,8 +11,8 @@ inherit from (torchtune's rule). One module per family: `sd.py`, `sdxl.py`, `dee
 - what can train: `denoiser` and `text_encoders` name the modules; `trainable.py` makes them full
   or LoRA, each text encoder with its own config section (learning rate, stop step);
 - `encode_prompt`: tokenizers, attention masks, pooled outputs -> per-prompt tensors (cacheable);
-- `encode_images` / `latents_from`: pixels -> the denoiser's input space; `latent_factor` drives
-  every resolution check (8 for SD's VAE, 1 in pixel space);
+- `encode_images` / `latents_from`: pixels -> the denoiser's input space; `resolution_step` (pixels
+  per latent x the denoiser's patch size) drives every resolution check and the bucket sides;
 - `conditioning`: text tensors plus per-image facts (SDXL's original size and crop, IF stage II's
   low-resolution image and noise level) -> the denoiser's keyword arguments;
 - `predict(comps, noisy, timesteps, cond)`: the denoiser's output in the objective's target space
@@ -93,9 +93,26 @@ class ModelFamily(Protocol):
     # whether a LoRA output can carry the identifier's trained embedding (text_encoder.scope=identifier) as a
     # textual-inversion file that diffusers loads back into this family's pipeline exactly as trained (optional: no)
     identifier_embedding_file: bool
+    single_file_tables: dict[str, str] | None  # part -> the `interop.layout` table that lays it out (unet | vae | text)
+    single_file_configs: tuple[str, ...]  # shipped configs (assets/single_file) of its public base models, in order
+    kohya_prefixes: dict[str, str] | None  # module -> key prefix of its adapters in kohya's LoRA format; None: none
 
     def latent_factor(self, model_dir: Path) -> int:
         """Pixels per latent along each side, read from the folder's configs (no weights loaded)."""
+
+    def resolution_step(self, model_dir: Path) -> int:
+        """Image sides must be multiples of this: the latent factor x the denoiser's patch size (1 for a UNet,
+        which takes every latent pixel; 2 for a transformer that packs 2x2 latents into one token)."""
+
+    def probe_inputs(self, module_name: str, config, generator: torch.Generator) -> dict[str, Any]:
+        """Fixed-seed keyword arguments for one call of the module `module_name` built from `config` (export
+        verification runs it on both copies, `interop.verify.compare`): the denoiser's forward, a text
+        encoder's forward, any other part's `decode`. CPU tensors; the caller moves and casts them."""
+
+    def render_inputs(self, pipe) -> dict[str, Any]:
+        """The cheapest call of this family's pipeline `pipe` (loaded as a user loads it): the prompt (or its
+        embeddings, where the pipeline has no text encoder), the smallest size, any input image; steps,
+        seed and output type are the caller's (`interop.verify.renders`)."""
 
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
         """Every part, frozen; training decides what to unfreeze."""

@@ -30,14 +30,19 @@ from typing import Any, Callable
 
 import torch
 
+from .. import objective
 from .family import Components
 
 
 class FrozenBase:
     """The base model's predictions, without gradients. Build it before `setup_trainable` changes the modules."""
 
-    def __init__(self, comps: Components, trained: list[str], lora: bool):
+    def __init__(self, comps: Components, trained: list[str], lora: bool, prior_from_model: bool = False,
+                 sample_steps: int = 4):
+        """`prior_from_model`: class samples are distilled too (prior.source=model), not only knowledge-preservation
+        ones; `sample_steps`: the steps of the base's own sample that a distilled sample starts from."""
         self.lora, self.trained = lora, list(trained)
+        self.prior_from_model, self.sample_steps = prior_from_model, sample_steps
         modules = dict(comps.modules)  # the unwrapped modules: the loop later swaps in accelerate's wrappers
         if not lora:
             modules.update({name: copy.deepcopy(comps.modules[name]).requires_grad_(False).eval() for name in trained})
@@ -102,6 +107,24 @@ class FrozenBase:
                 return family.predict(self.comps, noisy, timesteps, _rows(built["cond"], rows, n))
 
         return predict
+
+
+    def distill(self, batch, x0: torch.Tensor, cond: dict[str, Any], cond_state: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, Callable | None, torch.Tensor | None]:
+        """A micro-batch's distilled samples: (x0, teacher, rows) for `objective.diffusion_loss`.
+
+        The rows (class samples with prior.source=model, knowledge-preservation samples) take as their
+        clean input the base's own sample for their prompt, drawn from the step's generator, and as their
+        target the base's prediction (`predictor`). `cond_state` is the generator's state before `cond`
+        was built. Without such rows in the batch, x0 comes back as it was and teacher/rows are None."""
+        teacher = self.predictor(batch, x0, cond, cond_state)
+        rows = objective.distilled_samples(batch.is_prior, batch.is_preserve, self.prior_from_model)
+        if rows is None:
+            return x0, teacher, None
+        x0 = x0.clone()
+        x0[rows] = objective.base_samples(teacher, self.comps.schedule, x0.shape, rows, generator, self.sample_steps,
+                                          x0.device).to(x0.dtype)
+        return x0, teacher, rows
 
 
 def _rows(value, rows: torch.Tensor, n: int):

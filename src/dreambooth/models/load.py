@@ -1,4 +1,6 @@
-"""Find a local model folder's family, check it, and load it (the families live in sd.py, sdxl.py).
+"""Find a local model folder's family, check it, and load it (the families live in sd.py, sdxl.py,
+deepfloyd_if.py). Only diffusers folders are read here: a single-file checkpoint becomes one in
+`interop.single_file.model_folder`, before this module sees it.
 
 `detect_family` reads model_index.json and checks that every part the family needs is there,
 `check_settings` that the settings ask only for what this model has, and `check_resolution` that
@@ -8,6 +10,7 @@ the training resolution maps to whole latents - all before a single weight is lo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import DreamBoothError
@@ -17,6 +20,7 @@ from .deepfloyd_if import IFStageIFamily, IFStageIIFamily
 from .sd import StableDiffusionFamily
 from .sdxl import StableDiffusionXLFamily
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # a model repository's id on the Hugging Face Hub: ORG/NAME
 FAMILIES: dict[str, ModelFamily] = {"sd": StableDiffusionFamily(), "sdxl": StableDiffusionXLFamily(),
                                     "if": IFStageIFamily(), "if-ii": IFStageIIFamily()}
 # Pipelines we recognise but cannot train, with what to do instead.
@@ -45,12 +49,14 @@ def detect_family(model_dir: str | Path, family: str = "auto") -> ModelFamily:
     if family == "auto":
         if class_name in _NOT_YET:
             raise DreamBoothError(f"{model_dir} is a {_NOT_YET[class_name]} model ({class_name}); this version trains "
-                                  f"{', '.join(n for f in FAMILIES.values() for n in f.pipeline_class_names)} only")
+                                  f"the families {_families()} only")
         matches = [f for f in FAMILIES.values() if class_name in f.pipeline_class_names]
-        if not matches:
-            raise DreamBoothError(f"{model_dir} holds a {class_name or 'unknown'} pipeline; supported: "
-                                  f"{', '.join(n for f in FAMILIES.values() for n in f.pipeline_class_names)} "
-                                  "(or set model.family explicitly)")
+        if not class_name:  # a folder that names no pipeline may still be one a family reads
+            raise DreamBoothError(f"{index_path} names no pipeline (_class_name); set model.family to the one it is: "
+                                  f"{_families()}")
+        if not matches:  # no model.family value could help: the families do not include this pipeline
+            raise DreamBoothError(f"{model_dir} holds a {class_name} pipeline, which no family of this version trains; "
+                                  f"the families are {_families()}")
         fam = matches[0]
     else:
         fam = FAMILIES[family]
@@ -61,18 +67,29 @@ def detect_family(model_dir: str | Path, family: str = "auto") -> ModelFamily:
     return fam
 
 
+def _families() -> str:
+    """'sd (StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline), ...' for messages."""
+    return ", ".join(f"{name} ({', '.join(f.pipeline_class_names)})" for name, f in FAMILIES.items())
+
+
 def check_resolution(resolution: int, model_dir: str | Path, fam: ModelFamily) -> None:
-    """The training resolution must map to whole latents for this model (before any weight is loaded)."""
-    factor = fam.latent_factor(Path(model_dir))
-    if resolution % factor:
-        raise DreamBoothError(f"data.resolution must be a multiple of {factor} for {model_dir} (its VAE downsamples by "
-                              f"{factor}), got {resolution}; try {max(factor, resolution // factor * factor)}")
+    """The training resolution must map to whole latents, and whole patches of them, for this model
+    (`ModelFamily.resolution_step`; before any weight is loaded)."""
+    step = fam.resolution_step(Path(model_dir))
+    if resolution % step:
+        raise DreamBoothError(f"data.resolution must be a multiple of {step} for {model_dir} (its {fam.name} "
+                              f"denoiser sees the image in steps of {step} pixels: latent factor x patch size), got "
+                              f"{resolution}; try {max(step, resolution // step * step)}")
 
 
 def check_settings(cfg, fam: ModelFamily, model_dir: str | Path) -> None:
     """Refuse settings this model cannot train with: a text encoder it does not have (text_encoder_2 on
     SD 1.x, say), a setting its family refuses (`ModelFamily.refuses`), or one its noise schedule has
     no use for (Min-SNR on a rectified-flow model, a DDPM sampler for it)."""
+    if cfg.model.hub_id is not None and not HUB_ID.fullmatch(cfg.model.hub_id):
+        raise DreamBoothError(f"model.hub_id must be a Hugging Face Hub id, ORG/NAME (e.g. "
+                              f"stable-diffusion-v1-5/stable-diffusion-v1-5), got {cfg.model.hub_id!r}; a local path "
+                              "goes in model.path")
     for name, te in cfg.text_encoders().items():
         if te.train and name not in fam.text_encoders:
             raise DreamBoothError(f"{name}.train=true, but {model_dir} ({fam.name}) has no {name}; its text encoders: "
@@ -100,16 +117,6 @@ def check_schedule_settings(cfg, schedule, where: str) -> None:
         not all(c.class_images_user_supplied for c in cfg.resolved_concepts())
     if generates or cfg.monitor.every_n_steps:  # class images, or the drift probe's own
         check_sampler(schedule, cfg.prior.scheduler, "prior.scheduler", where)
-
-
-def model_folder(model) -> Path:
-    """The diffusers folder for ModelConfig `model`: its path, or for a single-file checkpoint the
-    folder converted from it (once; cached by the file's hash)."""
-    from ..interop.single_file import cached_folder, is_single_file
-
-    if is_single_file(model.path):
-        return cached_folder(model.path, model.single_file_config, model.allow_pickle)
-    return Path(model.path)
 
 
 def load_components(model_dir: str | Path, family: str = "auto", vae_path: str | None = None) -> Components:

@@ -57,6 +57,37 @@ def unet_predict(comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor
     return comps.denoiser(noisy, timesteps, **cond).sample
 
 
+# Export verification's probes (`ModelFamily.probe_inputs`): small fixed-seed inputs shaped from a module's config.
+
+def unet_probe_inputs(config, generator: torch.Generator, context_dim: int | None = None) -> dict:
+    """A UNet2DConditionModel's forward arguments: an 8x8 latent, timestep 500 and six text states of
+    `context_dim` (default: its cross-attention width)."""
+    return {"sample": torch.randn(1, config["in_channels"], 8, 8, generator=generator), "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, 6, context_dim or config["cross_attention_dim"], generator=generator)}
+
+
+def text_probe_inputs(config, generator: torch.Generator) -> dict:
+    """A text encoder's forward arguments: two rows of random token ids as long as its positions allow
+    (16 for T5, which has no position limit), asking for every hidden state."""
+    length = getattr(config, "max_position_embeddings", 16)
+    return {"input_ids": torch.randint(0, config.vocab_size, (2, length), generator=generator), "output_hidden_states": True}
+
+
+def vae_probe_inputs(config, generator: torch.Generator) -> dict:
+    """An AutoencoderKL's `decode` arguments: a 4x4 latent."""
+    return {"z": torch.randn(1, config["latent_channels"], 4, 4, generator=generator)}
+
+
+RENDER_PROMPT = "a photo of a dog"  # export verification's one image (`ModelFamily.render_inputs`)
+
+
+def smallest_side(unet_config, pixels_per_latent: int) -> int:
+    """The smallest image side a UNet renders at: one latent pixel left after its last halving, rounded
+    up to a multiple of 8 (the SD pipelines refuse other sides)."""
+    side = pixels_per_latent * 2 ** (len(unet_config.block_out_channels) - 1)
+    return -(-side // 8) * 8
+
+
 class StableDiffusionFamily:
     name = "sd"
     pipeline_class_names = ("StableDiffusionPipeline",)
@@ -71,9 +102,24 @@ class StableDiffusionFamily:
     single_file = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
     refuses = {"export.save_text_encoder=False": "StableDiffusionPipeline cannot load without its text encoder"}
     identifier_embedding_file = True  # diffusers' load_textual_inversion, A1111's and ComfyUI's embeddings folder
+    single_file_tables = {"unet": "unet", "vae": "vae", "text_encoder": "text"}
+    single_file_configs = ("sd15", "sd2-512", "sd2-768-v")  # SD 1.5; SD 2.x's 512 base and 768-v (told apart by prediction)
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}  # kohya's SD 1.x/2.x names
 
     def latent_factor(self, model_dir: Path) -> int:
         return vae_factor(model_dir)
+
+    def resolution_step(self, model_dir: Path) -> int:
+        return vae_factor(model_dir)  # a UNet: patch size 1
+
+    def probe_inputs(self, module_name: str, config, generator: torch.Generator) -> dict:
+        if module_name in self.text_encoders:
+            return text_probe_inputs(config, generator)
+        return unet_probe_inputs(config, generator) if module_name == self.denoiser else vae_probe_inputs(config, generator)
+
+    def render_inputs(self, pipe) -> dict:
+        side = smallest_side(pipe.unet.config, pipe.vae_scale_factor)
+        return {"prompt": RENDER_PROMPT, "height": side, "width": side}
 
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
         from diffusers import UNet2DConditionModel

@@ -28,7 +28,8 @@ import torch
 
 from ..schedule import DDPMSchedule
 from .family import Components, load_part, module_device, own_scheduler
-from .sd import lora_layers, pipeline_usage, tokenize, unet_predict, vae_encode, vae_factor, vae_latents
+from .sd import (RENDER_PROMPT, lora_layers, pipeline_usage, smallest_side, text_probe_inputs, tokenize, unet_predict,
+                 unet_probe_inputs, vae_encode, vae_factor, vae_latents, vae_probe_inputs)
 
 
 def time_ids(original_sizes, crops, target_size, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -55,9 +56,31 @@ class StableDiffusionXLFamily:
     identifier_embedding_file = False
     buckets_by_default = True  # SDXL was trained on aspect-ratio buckets, with original size and crop as time ids
     refuses = {"export.save_text_encoder=False": "StableDiffusionXLPipeline cannot load without its text encoders"}
+    single_file_tables = {"unet": "unet", "vae": "vae", "text_encoder": "text", "text_encoder_2": "text"}
+    single_file_configs = ("sdxl-base",)
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
     def latent_factor(self, model_dir: Path) -> int:
         return vae_factor(model_dir)
+
+    def resolution_step(self, model_dir: Path) -> int:
+        return vae_factor(model_dir)  # a UNet: patch size 1
+
+    def probe_inputs(self, module_name: str, config, generator: torch.Generator) -> dict:
+        if module_name in self.text_encoders:
+            return text_probe_inputs(config, generator)
+        if module_name != self.denoiser:
+            return vae_probe_inputs(config, generator)
+        inputs = unet_probe_inputs(config, generator)
+        # the 6 size/crop ids and text_encoder_2's pooled embedding, whose width is what the time ids leave
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=generator),
+                                       "time_ids": torch.randn(1, 6, generator=generator) * 100}
+        return inputs
+
+    def render_inputs(self, pipe) -> dict:
+        side = smallest_side(pipe.unet.config, pipe.vae_scale_factor)
+        return {"prompt": RENDER_PROMPT, "height": side, "width": side}
 
     def load(self, model_dir: Path, vae_path: str | None = None) -> Components:
         from diffusers import UNet2DConditionModel

@@ -28,6 +28,7 @@ class Trainable:
     identifier_embeddings: dict[str, str] = field(default_factory=dict)
     adapted: list[str] = field(default_factory=list)  # modules that carry LoRA adapters (what a LoRA export holds)
     identifiers: tuple[str, ...] = ()  # the concepts' identifiers whose embedding rows train (identifier_embeddings)
+    frozen: set[str] = field(default_factory=set)  # trained modules that sit out the current step (`set_frozen`)
 
     @property
     def modules(self) -> list[str]:
@@ -65,6 +66,29 @@ class Trainable:
         """Train `module` again (the denoiser at train.denoiser_start_step)."""
         for p in self.params.get(module, {}).values():
             p.requires_grad_(True)
+
+    def set_frozen(self, modules: set[str]) -> None:
+        """Freeze exactly `modules` (`frozen_at`'s answer for a step), touching only those whose state changes."""
+        for name in sorted(modules - self.frozen):
+            self.freeze(name)
+        for name in sorted(self.frozen - modules):
+            self.unfreeze(name)
+        self.frozen = set(modules)
+
+
+@dataclass(frozen=True)
+class FreezeSchedule:
+    """When trained modules sit out: a text encoder from its stop step on, the denoiser before its start step."""
+
+    stop_steps: dict[str, int]  # trained text encoder -> text_encoder*.stop_step
+    denoiser: str
+    denoiser_start: int = 0  # train.denoiser_start_step: pivotal tuning trains the identifier's embedding first
+
+
+def frozen_at(step: int, schedule: FreezeSchedule) -> set[str]:
+    """The one rule for what is frozen while step `step` + 1 is computed, whether a run starts, resumes or goes on."""
+    frozen = {name for name, stop in schedule.stop_steps.items() if step >= stop}
+    return frozen | {schedule.denoiser} if step < schedule.denoiser_start else frozen
 
 
 def trained_module_names(comps: Components, text_encoders: dict[str, TextEncoderConfig]) -> list[str]:

@@ -56,8 +56,11 @@ def train_settings(ws: Workspace, model: str, preset: str, instance_prompt: str,
 
 def start_training(ws: Workspace, runner: JobRunner, settings: dict) -> str:
     """Check the settings and every photo, then start the job; raise DreamBoothError with all problems."""
+    from ..plan import preflight
+
     layer = dotted_to_nested(settings)
-    cfg = build_config(layer).validate()
+    cfg = build_config(layer)
+    preflight(cfg)  # train's own checks (settings, packages, model folder, family, resolution) before the job starts
     out = Path(cfg.train.output_dir)
     if (out / "checkpoints" / "latest.json").is_file():
         raise DreamBoothError(f"{ws.relative(out)} already holds a run: choose another run folder, or press Resume "
@@ -90,9 +93,29 @@ def checked_run(ws: Workspace, run: str) -> Path:
 def read_run(ws: Workspace, run: str) -> dict:
     folder = checked_run(ws, run)
     card = folder / "README.md"
-    return {"config": (folder / "config.yaml").read_text(), "card": card.read_text() if card.is_file() else "",
+    return {"config": (folder / "config.yaml").read_text(), "card": card_for_display(card.read_text()) if card.is_file() else "",
             "grids": sorted((folder / "samples").glob("step-*.png")),
             "metrics": read_metrics(folder / "logs" / "metrics.jsonl")}
+
+
+def card_for_display(card: str) -> str:
+    """A model card as the Hub shows it: the YAML front matter (`---` ... `---`) as a small table above the
+    text, not as Markdown (which reads the closing `---` as a heading's underline)."""
+    import yaml
+
+    lines = card.splitlines()
+    if not lines or lines[0].strip() != "---" or "---" not in (line.strip() for line in lines[1:]):
+        return card
+    end = next(i for i, line in enumerate(lines[1:], 1) if line.strip() == "---")
+    body = "\n".join(lines[end + 1:]).lstrip("\n")
+    try:
+        meta = yaml.safe_load("\n".join(lines[1:end])) or {}
+    except yaml.YAMLError:
+        return body
+    if not isinstance(meta, dict):
+        return body
+    rows = [f"| {key} | {', '.join(map(str, value)) if isinstance(value, list) else value} |" for key, value in meta.items()]
+    return "\n".join(["| card | |", "|---|---|", *(row.replace("\n", " ") for row in rows), "", body])
 
 
 def sample(ws: Workspace, run: str, prompt: str, negative: str, seed: int, scheduler: str, steps: int,

@@ -1,7 +1,7 @@
 """The "advanced" form: one input per TrainConfig field, generated from the dataclasses.
 
 `advanced_fields()` walks `config.iter_fields` (the same walk that generates the CLI flags), so a
-field added to config.py appears in the UI with its type, default and help text, grouped by its
+field added to config/schema.py appears in the UI with its type, default and help text, grouped by its
 section, without touching this file. `overrides()` turns the form's values back into dotted
 settings: only the fields the user changed, so a preset's values stay in force for the others.
 """
@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import TrainConfig, iter_fields
+from ..config import TrainConfig, iter_fields, type_name
 
 # Set by the main part of the Train tab (the first five), or not offered at all:
 MAIN_FORM = ("model.path", "concept.instance_dir", "concept.instance_prompt", "concept.class_prompt",
@@ -54,9 +54,7 @@ AUTO = "auto (default)"
 
 
 def advanced_fields() -> list[FieldSpec]:
-    """Every TrainConfig field the advanced form offers, in config.py's order."""
-    from ..cli import _type_name
-
+    """Every TrainConfig field the advanced form offers, in the dataclasses' order (config/schema.py)."""
     specs = []
     for key, tp, default, help_text in iter_fields(TrainConfig):
         if key in MAIN_FORM or key in NOT_OFFERED:
@@ -71,7 +69,7 @@ def advanced_fields() -> list[FieldSpec]:
             kind, choices = "list", ()
         else:
             kind, choices = "text", ()
-        specs.append(FieldSpec(key, key.split(".")[0] if "." in key else "general", kind, _type_name(tp), default,
+        specs.append(FieldSpec(key, key.split(".")[0] if "." in key else "general", kind, type_name(tp), default,
                                help_text, tuple(choices)))
     return specs
 

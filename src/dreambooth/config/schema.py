@@ -1,31 +1,30 @@
-"""Training configuration: typed dataclasses, the single source of truth.
+"""The settings' dataclasses: every field with its default and help text, and each section's own checks.
 
-The command line (`dreambooth train --optim.lr 2e-6`), YAML files (`optim: {lr: 2e-6}`), the
-presets and the resolved `config.yaml` written beside every checkpoint are all instances of
-`TrainConfig`. Each field documents itself through `metadata["help"]`, which is what
-`dreambooth train --help` prints. Unknown keys and inconsistent settings raise a
-`DreamBoothError` that names the key (litgpt's `args.py` is the model for this).
+`TrainConfig` is made of one dataclass per section (`model`, `concept`, `optim`, ...). Each field
+documents itself through `metadata["help"]`, which `dreambooth train --help`, the web UI's form and
+the YAML reference show. A section's `check()` refuses values that are wrong whatever the other
+sections say (`optim.lr` must be positive); `checks.py` holds the checks that compare sections, and
+`TrainConfig.validate()` runs both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
-from .errors import DreamBoothError
+from ..errors import DreamBoothError
+from .checks import check_across_sections
 
 # Sampler names for validation, class images and `dreambooth sample` (sampling.SCHEDULERS maps
 # them to diffusers classes). A Literal, so a typo is refused when the config is read, not after
 # training.
 Sampler = Literal["ddim", "pndm", "lms", "dpm++", "euler", "euler_a", "ddpm"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
+
 
 def _f(default: Any, help: str, **kw) -> Any:
     """A dataclass field with a help text (shown by --help and in the YAML reference)."""
@@ -34,8 +33,17 @@ def _f(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _at_least_one(values: dict[str, int]) -> None:
+    """Refuse the first count below 1; `values` maps each dotted key to its value."""
+    for key, value in values.items():
+        if value < 1:
+            raise DreamBoothError(f"{key} must be at least 1, got {value}")
+
+
 @dataclass
 class ModelConfig:
+    """`model`: the base model to train, and how to read it."""
+
     path: str = _f("", "Local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
                    "scheduler/), or a single-file SD 1.x/2.x/SDXL checkpoint (.safetensors, .ckpt) as AUTOMATIC1111 and "
                    "ComfyUI keep them: converted once, offline, and cached by the file's hash ($DREAMBOOTH_CACHE).")
@@ -53,10 +61,19 @@ class ModelConfig:
         None, "A replacement VAE folder (diffusers AutoencoderKL). SDXL's own VAE overflows in fp16, so it is kept in "
         "fp32 under mixed precision; an fp16-safe SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) given here is cast "
         "like the other frozen parts instead.")
+    hub_id: Optional[str] = _f(
+        None, "The base model's Hugging Face Hub id (ORG/NAME), written as the model card's base_model. Default: the "
+        "id in a Hub cache path of model.path (.../models--ORG--NAME/snapshots/...); else the card names none.")
+
+    def check(self) -> None:
+        if not self.path:
+            raise DreamBoothError("model.path is required: a local diffusers model folder (e.g. --model.path ./stable-diffusion-v1-5)")
 
 
 @dataclass
 class ConceptConfig:
+    """`concept` (or each of `concepts`): the subject's photos, its prompt, and its class for prior preservation."""
+
     instance_dir: str = _f("", "Folder with 5-20 photos of the subject. A 'name.txt' beside 'name.png' is that photo's caption.")
     instance_prompt: str = _f("", "Prompt with the rare identifier and the class noun, e.g. 'a photo of sks dog'.")
     class_prompt: Optional[str] = _f(None, "Prompt for the class without the identifier, e.g. 'a photo of a dog' (prior preservation).")
@@ -77,9 +94,18 @@ class ConceptConfig:
         words = self.instance_prompt.split()
         return self.identifier or (words[-2] if len(words) >= 2 else "")
 
+    def check(self, key: str) -> None:
+        """Refuse a concept without photos or prompt; `key` names it in the message (concept, concepts[1])."""
+        if not self.instance_dir:
+            raise DreamBoothError(f"{key}.instance_dir is required: the folder with your subject's photos")
+        if not self.instance_prompt:
+            raise DreamBoothError(f"{key}.instance_prompt is required, e.g. 'a photo of sks dog'")
+
 
 @dataclass
 class DataConfig:
+    """`data`: how the photos become training images (resolution, crops, augmentation, buckets)."""
+
     resolution: int = _f(512, "Training resolution in pixels (512 for SD 1.x and SD 2 base, 768 for SD 2 768-v).")
     center_crop: bool = _f(True, "Centre crop after resizing the shorter side; false = random crop (an augmentation).")
     random_flip: bool = _f(False, "Flip images horizontally at random (an augmentation; avoid for asymmetric subjects or text).")
@@ -100,9 +126,15 @@ class DataConfig:
     def min_image_size(self) -> int:
         return self.min_size if self.min_size is not None else self.resolution // 2
 
+    def check(self) -> None:
+        # (data.resolution's multiple is the model's own latent factor, checked once the folder is known)
+        _at_least_one({"data.resolution": self.resolution})
+
 
 @dataclass
 class PriorConfig:
+    """`prior`: prior preservation (class images or the base's own predictions) and knowledge preservation."""
+
     enabled: bool = _f(False, "Prior preservation: also train on the class prompt so the class noun keeps its meaning.")
     source: Literal["images", "model"] = _f(
         "images", "Where the class prompt's target comes from. images: class images generated by the base model "
@@ -132,15 +164,33 @@ class PriorConfig:
     seed: int = _f(0, "Class image i is generated with seed + i, so generation is resumable and reproducible.")
     batch_size: int = _f(4, "Class images generated per batch.")
 
-
     @property
     def distills(self) -> bool:
         """Some samples' targets are the frozen base model's predictions (prior.source=model, knowledge preservation)."""
         return (self.enabled and self.source == "model") or self.preserve_weight > 0
 
+    def check(self) -> None:
+        _at_least_one({"prior.num_class_images": self.num_class_images, "prior.batch_size": self.batch_size,
+                       "prior.base_sample_steps": self.base_sample_steps})
+        if self.source == "model" and not self.enabled:
+            raise DreamBoothError("prior.source=model is set but prior.enabled is false: set prior.enabled=true "
+                                  "(and a concept.class_prompt), or leave prior.source at its default")
+        if self.preserve_weight < 0:
+            raise DreamBoothError(f"prior.preserve_weight must be 0 (off) or more, got {self.preserve_weight}")
+        if self.preserve_prompts and not self.preserve_weight:
+            raise DreamBoothError("prior.preserve_prompts is set but prior.preserve_weight is 0: give the "
+                                  "knowledge-preservation loss a weight (e.g. prior.preserve_weight=1), or remove the prompts")
+        if self.preserve_weight and not self.preserve_prompts and not self.enabled:
+            raise DreamBoothError("prior.preserve_weight > 0 needs prompts: give prior.preserve_prompts, or set "
+                                  "prior.enabled=true with a concept.class_prompt (the default prompts)")
+        if any(not prompt.strip() for prompt in self.preserve_prompts):
+            raise DreamBoothError("prior.preserve_prompts holds an empty prompt: remove it")
+
 
 @dataclass
 class LoRAConfig:
+    """`lora`: the low-rank adapters trained with train.method=lora."""
+
     rank: int = _f(4, "LoRA rank r (train.method=lora).")
     alpha: float = _f(4.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the LoRA branch.")
@@ -154,9 +204,16 @@ class LoRAConfig:
         None, "Text-encoder modules that get adapters. Default: the family's (CLIP: q_proj, k_proj, v_proj, out_proj; "
         "T5: q, k, v, o).")
 
+    def check(self) -> None:
+        _at_least_one({"lora.rank": self.rank})
+        if not 0 <= self.dropout < 1:
+            raise DreamBoothError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class TextEncoderConfig:
+    """`text_encoder` and `text_encoder_2` (SDXL's second): whether and how this text encoder trains."""
+
     train: bool = _f(False, "Also train this text encoder (the blog: better results, especially for faces; more memory).")
     scope: Literal["all", "identifier"] = _f(
         "all", "What of this text encoder trains (with train=true). all: its weights (the blog's text-encoder "
@@ -181,6 +238,18 @@ class TextEncoderConfig:
             return None
         return self.identifier_lr if self.identifier_lr is not None else (IDENTIFIER_EMBEDDING_LR if self.scope == "identifier" else None)
 
+    def check(self, name: str) -> None:
+        """Refuse settings that contradict each other; `name` is the section (text_encoder, text_encoder_2)."""
+        if not self.train and (self.stop_step is not None or self.lr is not None or self.scope != "all"
+                               or self.identifier_lr is not None):
+            raise DreamBoothError(f"{name}.lr/identifier_lr/stop_step/scope are set but {name}.train is false: "
+                                  f"set {name}.train=true")
+        if self.scope == "identifier" and self.lr is not None:
+            raise DreamBoothError(f"{name}.lr is the rate of the encoder's weights, which {name}.scope=identifier "
+                                  f"leaves frozen: set {name}.identifier_lr instead")
+        if self.resolved_identifier_lr is not None and self.resolved_identifier_lr <= 0:
+            raise DreamBoothError(f"{name}.identifier_lr must be positive, got {self.resolved_identifier_lr}")
+
 
 # textual inversion's range (diffusers' example: 5e-4 x batch scaling; kohya 1e-3..5e-3); measured in the miniature world
 IDENTIFIER_EMBEDDING_LR = 3e-3
@@ -192,8 +261,11 @@ TEXT_ENCODER_SECTIONS = ("text_encoder", "text_encoder_2")
 
 @dataclass
 class OptimConfig:
+    """`optim`: the optimizer, its learning rate and schedule, and gradient clipping."""
+
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = _f(
-        "adamw", "adamw; adamw8bit (bitsandbytes; CUDA, and CPU with a recent bitsandbytes: 0.50 measured); adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
+        "adamw", "adamw; adamw8bit (bitsandbytes; CUDA, and CPU: bitsandbytes 0.50 and newer have CPU kernels); "
+        "adafactor (transformers); prodigy (prodigyopt); lion (lion-pytorch).")
     lr: float = _f(5e-6, "Learning rate (the blog: 1e-6..5e-6 for full fine-tuning; LoRA wants ~1e-4).")
     beta1: float = _f(0.9, "Adam beta1.")
     beta2: float = _f(0.999, "Adam beta2.")
@@ -204,9 +276,9 @@ class OptimConfig:
     warmup_steps: int = _f(0, "Linear warmup steps.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this value; null = no clipping.")
     moments_dtype: Literal["fp32", "bf16", "int8"] = _f(
-        "fp32", "Storage dtype of AdamW's two moments. bf16 halves them (4 instead of 8 bytes per weight; for SD 1.5 "
-        "7.9 -> 3.9 GB), updated in fp32 and stored with stochastic rounding like the weights. int8 quarters them "
-        "(2 bytes per weight, 2.0 GB for SD 1.5): bitsandbytes' blockwise 8-bit quantization, as in its AdamW8bit "
+        "fp32", "Storage dtype of AdamW's two moments. bf16 halves them (4 instead of 8 bytes per weight), updated in "
+        "fp32 and stored with stochastic rounding like the weights. int8 quarters them (2 bytes per weight): "
+        "bitsandbytes' blockwise 8-bit quantization, as in its AdamW8bit "
         "(needs bitsandbytes). Needs memory.weights_dtype=bf16 (for fp32 weights use optim.optimizer=adamw8bit).")
     fused_backward: bool = _f(
         False, "Step the optimizer inside the backward pass, one parameter at a time, as soon as its gradient is "
@@ -214,11 +286,22 @@ class OptimConfig:
         "gradients; same AdamW maths). Needs optim.max_grad_norm=null (global-norm clipping needs every gradient "
         "at once) and train.gradient_accumulation_steps=1; one process only.")
 
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise DreamBoothError(f"optim.lr must be positive, got {self.lr}")
+        if self.fused_backward and self.max_grad_norm is not None:
+            raise DreamBoothError(f"optim.fused_backward=true cannot be used with optim.max_grad_norm={self.max_grad_norm} "
+                                  "(global-norm clipping needs every gradient at once, but each parameter is stepped "
+                                  "as soon as its own gradient is ready): set optim.max_grad_norm=null")
+
 
 @dataclass
 class MemoryConfig:
+    """`memory`: precision, caches and the techniques that trade speed for memory."""
+
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision (accelerate); trainable weights stay fp32.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, ~30% slower.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, slower steps "
+                                        "(each checkpointed block runs its forward pass twice).")
     checkpoint_levels: int = _f(
         0, "With gradient_checkpointing: recompute only the UNet blocks at the N highest resolutions (down and up "
         "blocks of the first N levels, where activations are largest); 0 = every block. Partial checkpointing buys "
@@ -232,21 +315,33 @@ class MemoryConfig:
         "OUTPUT/cache with their provenance, so a resumed run reuses them. Default: on when no text encoder trains.")
     offload_text_encoders: bool = _f(
         False, "Once their embeddings are cached, keep the frozen text encoders on the CPU: nothing on the GPU needs "
-        "them, validation renders from the cached embeddings. Saves their memory on the GPU (SDXL's two encoders: "
-        "1.6 GB in bf16; IF's T5-XXL: 9.5 GB). Needs memory.cache_text_embeddings on (no text encoder trained).")
+        "them, validation renders from the cached embeddings. Saves their memory on the GPU, most where they are "
+        "large (SDXL's two encoders, IF's T5-XXL). Needs memory.cache_text_embeddings on (no text encoder trained).")
     channels_last: bool = _f(False, "Keep the UNet's 4-D weights in channels_last (NHWC) memory format, the layout "
-                             "GPU tensor-core convolutions prefer (on CPU it measured no faster: bench/RESULTS.md).")
-    compile_unet: bool = _f(False, "torch.compile the UNet (inductor). The first step pays the compile time (4 s "
-                            "with a warm cache to over 2 minutes cold on one CPU thread); on CPU the compiled steps "
-                            "measured 0.91-1.04x of eager, the GPU effect is unmeasured. Needs a C++ compiler on CPU.")
+                             "GPU tensor-core convolutions prefer; a GPU option, no gain on CPU (bench/RESULTS.md).")
+    compile_unet: bool = _f(False, "torch.compile the UNet (inductor). The first step pays the compile time (seconds "
+                            "with a warm inductor cache, minutes cold); on CPU the compiled steps run about as fast as "
+                            "eager (bench/RESULTS.md). Needs a C++ compiler on CPU.")
     weights_dtype: Literal["fp32", "bf16"] = _f(
         "fp32", "Storage dtype of the trained model's weights. bf16 halves weight and gradient memory; the AdamW "
         "update is computed in fp32 and added with stochastic rounding (round-to-nearest would drop the tiny "
         "DreamBooth-sized updates). Needs memory.mixed_precision=bf16 and optim.optimizer=adamw.")
 
+    def check(self) -> None:
+        if self.weights_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise DreamBoothError("memory.weights_dtype=bf16 needs memory.mixed_precision=bf16 (the model computes in "
+                                  f"bf16), got memory.mixed_precision={self.mixed_precision}")
+        if self.checkpoint_levels and not self.gradient_checkpointing:
+            raise DreamBoothError(f"memory.checkpoint_levels={self.checkpoint_levels} needs "
+                                  "memory.gradient_checkpointing=true (it chooses which blocks are checkpointed)")
+        if self.checkpoint_levels < 0:
+            raise DreamBoothError(f"memory.checkpoint_levels must be 0 (every block) or more, got {self.checkpoint_levels}")
+
 
 @dataclass
 class ExportConfig:
+    """`export`: which files the trained model is written as, and their verification."""
+
     single_file: bool = _f(
         False, "Full fine-tune: also write model.safetensors, one file in the original layout AUTOMATIC1111 and "
         "ComfyUI load (LDM for SD 1.x/2.x, SGM for SDXL). LoRA always gets a kohya-format copy beside diffusers'.")
@@ -262,8 +357,10 @@ class ExportConfig:
 
 @dataclass
 class ObjectiveConfig:
-    # The model's noise schedule (schedule.py) decides which of these apply: a setting another
-    # schedule's models read is refused once the model folder is known (models.load.check_settings).
+    """`objective`: the training loss (its weighting over timesteps, offset noise); the model's noise schedule
+    (schedule.py) decides which settings apply, and refuses the others once the model folder is known
+    (models.load.check_settings)."""
+
     snr_gamma: Optional[float] = _f(None, "DDPM models: Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value. null = off.")
     offset_noise: float = _f(0.0, "DDPM models: offset noise strength (adds a per-channel constant to the noise; helps very dark/bright images).")
     timestep_density: Literal["logit_normal", "mode", "uniform"] = _f(
@@ -303,12 +400,14 @@ class ObjectiveConfig:
 
 @dataclass
 class EMAConfig:
+    """`ema`: an exponential moving average of the trained weights, for validation and the export."""
+
     enabled: bool = _f(
         False, "Keep an exponential moving average (EMA) of the trained weights (Polyak averaging) and use it for "
         "validation images and the export; training itself continues on the raw weights. The average smooths the "
         "step-to-step noise of the last updates. Costs one fp32 copy of the trained weights on the training device "
-        "(SD 1.5's UNet: 3.4 GB; LoRA adapters: a few MB) and is saved in every checkpoint. A text encoder frozen at "
-        "its stop_step keeps the average it had then.")
+        "(large for a full fine-tune, small for LoRA adapters) and is saved in every checkpoint. A text encoder "
+        "frozen at its stop_step keeps the average it had then.")
     decay: float = _f(
         0.999, "The longest memory the average may have: after an update, average = decay * average + (1 - decay) * "
         "weights. With ema.warmup on, the decay only reaches this cap after about 9 x 1 / (1 - decay) updates "
@@ -320,9 +419,15 @@ class EMAConfig:
         "ema.decay from the second update on; at 0.999 the first weights still hold 67% of the average after 400 "
         "steps, so a short run's average lags far behind its weights.")
 
+    def check(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise DreamBoothError(f"ema.decay must be in [0, 1) (0.999 is a usual cap), got {self.decay}")
+
 
 @dataclass
 class ValidationConfig:
+    """`validation`: the images rendered during and after training to watch it."""
+
     prompts: list[str] = _f([], "Prompts rendered every validation.every_n_steps steps and at the end.")
     every_n_steps: int = _f(0, "Validate every N steps (0 = only at the end, if prompts are given).")
     num_images: int = _f(4, "Images per prompt (seeds seed, seed+1, ...).")
@@ -332,32 +437,52 @@ class ValidationConfig:
     negative_prompt: Optional[str] = _f(None, "Negative prompt.")
     seed: int = _f(0, "First seed; fixed so that grids from different steps are comparable.")
 
+    def check(self) -> None:
+        _at_least_one({"validation.num_images": self.num_images})
+        if self.every_n_steps and not self.prompts:
+            raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
+
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint`: resumable checkpoints during training."""
+
     every_n_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0 = never).")
     keep: int = _f(2, "Keep at most this many checkpoints (oldest deleted first).")
+
+    def check(self) -> None:
+        _at_least_one({"checkpoint.keep": self.keep})
 
 
 @dataclass
 class MonitorConfig:
+    """`monitor`: the drift probe, which measures how far the class has moved from the base."""
+
     every_n_steps: int = _f(
         0, "Measure the drift probe every N optimizer steps and at every checkpoint (0 = off): the model's denoising "
         "loss on a fixed set of (class image, class prompt, noise, timestep) triples minus the base's, logged as "
         "`drift` (0 at step 0; positive = the model denoises the class worse than the base did). Without prior "
         "preservation the base first draws probe_size images of the class prompt (see monitor.py).")
     probe_size: int = _f(32, "Probe triples; their timesteps are spread evenly over the noise schedule. Each costs one "
-                         "forward pass of the denoiser (and one for the subject probe) per measurement. At 8 the "
-                         "probe's own noise dominated on the miniature runs (r 0.51 with a 128 probe; 32: r 0.94).")
+                         "forward pass of the denoiser (and one for the subject probe) per measurement. A smaller "
+                         "probe is cheaper but noisier: too small, and it measures its own noise more than the drift "
+                         "(bench/RESULTS.md).")
     seed: int = _f(0, "Seed of the probe's noise and latent samples; the probe is built once and never touches the "
                    "training generators.")
     fit_ratio: float = _f(
         0.9, "With train.select=best: a checkpoint is a candidate once its subject probe loss (instance photos, "
         "instance prompt) is at most this fraction of the base's, i.e. it has learned the subject.")
 
+    def check(self) -> None:
+        if self.every_n_steps < 0 or self.probe_size < 1 or not 0 < self.fit_ratio <= 1:
+            raise DreamBoothError(f"monitor.every_n_steps must be >= 0 (got {self.every_n_steps}), monitor.probe_size "
+                                  f">= 1 (got {self.probe_size}), monitor.fit_ratio in (0, 1] (got {self.fit_ratio})")
+
 
 @dataclass
 class TrainLoopConfig:
+    """`train`: the loop itself (steps, batch, seed, resume, output) and which checkpoint is exported."""
+
     output_dir: str = _f("outputs/dreambooth", "Where the trained model, samples, checkpoints and logs go.")
     method: Literal["full", "lora"] = _f("full", "full = fine-tune all UNet weights; lora = train low-rank adapters (peft).")
     max_steps: int = _f(400, "Optimizer steps (the blog: ~400 at batch 4 for objects at lr 2e-6).")
@@ -377,9 +502,19 @@ class TrainLoopConfig:
         "checkpoint.every_n_steps and monitor.every_n_steps): among checkpoints whose subject probe loss fell to "
         "monitor.fit_ratio of the base's, the one with the lowest drift; the last if none did.")
 
+    def check(self) -> None:
+        _at_least_one({"train.max_steps": self.max_steps, "train.batch_size": self.batch_size,
+                       "train.gradient_accumulation_steps": self.gradient_accumulation_steps})
+        if self.denoiser_start_step and not 0 < self.denoiser_start_step < self.max_steps:
+            raise DreamBoothError(f"train.denoiser_start_step must be in [0, train.max_steps={self.max_steps}), "
+                                  f"got {self.denoiser_start_step} (the object preset sets 100 of 500): lower it, "
+                                  "0 to turn pivotal tuning off, or raise train.max_steps")
+
 
 @dataclass
 class TrainConfig:
+    """All settings: one field per section, plus the derived settings the trainer reads."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     concepts: list[ConceptConfig] = _f([], "Several concepts (YAML only): a list of {instance_dir, instance_prompt, class_prompt, class_dir}.")
@@ -434,166 +569,11 @@ class TrainConfig:
         default = not self.trains_text_encoder
         return default if self.memory.cache_text_embeddings is None else self.memory.cache_text_embeddings
 
-    # ---- consistency checks -----------------------------------------------------------
-    def validate(self) -> "TrainConfig":
-        """Raise a DreamBoothError naming the key for every inconsistent setting; return self."""
-        if not self.model.path:
-            raise DreamBoothError("model.path is required: a local diffusers model folder (e.g. --model.path ./stable-diffusion-v1-5)")
-        if self.concepts and (self.concept.instance_dir or self.concept.instance_prompt):
-            raise DreamBoothError("give either `concept` (one concept) or `concepts` (a list), not both")
-        for i, c in enumerate(self.concepts or [self.concept]):
-            key = f"concepts[{i}]" if self.concepts else "concept"
-            if not c.instance_dir:
-                raise DreamBoothError(f"{key}.instance_dir is required: the folder with your subject's photos")
-            if not c.instance_prompt:
-                raise DreamBoothError(f"{key}.instance_prompt is required, e.g. 'a photo of sks dog'")
-            if self.prior.enabled and not c.class_prompt:
-                raise DreamBoothError(f"{key}.class_prompt is required with prior.enabled=true, e.g. 'a photo of a dog'")
-            if not self.prior.enabled and (c.class_prompt or c.class_dir):
-                raise DreamBoothError(f"{key}.class_prompt/class_dir are set but prior.enabled is false: "
-                                      "set prior.enabled=true to use them, or remove them")
-            if self.prior.source == "model" and (c.class_dir or c.class_images_user_supplied):
-                raise DreamBoothError(f"{key}.class_dir/class_images_user_supplied are set but prior.source=model uses "
-                                      "no class images: remove them, or use prior.source=images")
-            self._check_class_prompts(key, c)
-        positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
-                    "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
-                    "data.resolution": self.data.resolution, "lora.rank": self.lora.rank,
-                    "prior.num_class_images": self.prior.num_class_images, "prior.batch_size": self.prior.batch_size,
-                    "prior.base_sample_steps": self.prior.base_sample_steps,
-                    "validation.num_images": self.validation.num_images, "checkpoint.keep": self.checkpoint.keep}
-        for key, value in positive.items():
-            if value < 1:
-                raise DreamBoothError(f"{key} must be at least 1, got {value}")
-        # (data.resolution's multiple is the model's own latent factor, checked once the folder is known)
-        _check_choices(self)
-        if self.optim.lr <= 0:
-            raise DreamBoothError(f"optim.lr must be positive, got {self.optim.lr}")
-        if self.train.denoiser_start_step:
-            if not 0 < self.train.denoiser_start_step < self.train.max_steps:
-                raise DreamBoothError(f"train.denoiser_start_step must be in [0, train.max_steps={self.train.max_steps}), "
-                                      f"got {self.train.denoiser_start_step} (the object preset sets 100 of 500): lower it, "
-                                      "0 to turn pivotal tuning off, or raise train.max_steps")
-            if not self.trains_text_encoder:
-                raise DreamBoothError("train.denoiser_start_step freezes the denoiser while a text encoder learns the "
-                                      "subject first, but none trains: set text_encoder.train=true and "
-                                      "text_encoder.scope=identifier (or leave denoiser_start_step at 0)")
-            early = [f"{name}.stop_step={te.stop_step}" for name, te in self.text_encoders().items()
-                     if te.train and te.stop_step is not None and te.stop_step <= self.train.denoiser_start_step]
-            if early:
-                raise DreamBoothError(f"{early[0]} is not after train.denoiser_start_step={self.train.denoiser_start_step}: "
-                                      "nothing would train in between; raise the stop step or lower the start")
-        for name, te in self.text_encoders().items():
-            if not te.train and (te.stop_step is not None or te.lr is not None or te.scope != "all" or te.identifier_lr is not None):
-                raise DreamBoothError(f"{name}.lr/identifier_lr/stop_step/scope are set but {name}.train is false: "
-                                      f"set {name}.train=true")
-            if te.scope == "identifier" and te.lr is not None:
-                raise DreamBoothError(f"{name}.lr is the rate of the encoder's weights, which {name}.scope=identifier "
-                                      f"leaves frozen: set {name}.identifier_lr instead")
-            if te.resolved_identifier_lr is not None:
-                if te.resolved_identifier_lr <= 0:
-                    raise DreamBoothError(f"{name}.identifier_lr must be positive, got {te.resolved_identifier_lr}")
-                if self.train.method == "lora" and te.scope != "identifier":
-                    raise DreamBoothError(f"{name}.identifier_lr with {name}.scope=all needs train.method=full: with LoRA "
-                                          f"the encoder trains as adapters, and the identifier's embedding trains alone "
-                                          f"with {name}.scope=identifier (saved beside the LoRA as a textual-inversion file)")
-                missing = [c.instance_prompt for c in self.resolved_concepts() if not c.resolved_identifier]
-                if missing:
-                    raise DreamBoothError(f"{name}.scope=identifier / identifier_lr train the identifier's embedding, but "
-                                          f"the instance prompt {missing[0]!r} names none: set concept.identifier (e.g. sks)")
-            if te.train and self.memory.cache_text_embeddings:
-                raise DreamBoothError(f"memory.cache_text_embeddings=true cannot be used with {name}.train=true "
-                                      "(the embeddings change every step)")
-        if self.memory.offload_text_encoders and not self.cache_text_embeddings:
-            raise DreamBoothError("memory.offload_text_encoders=true needs the text embeddings cached: train no text "
-                                  "encoder and leave memory.cache_text_embeddings on (or unset)")
-        if self.augment and self.memory.cache_latents:
-            raise DreamBoothError("memory.cache_latents=true cannot be used with data.random_flip or data.center_crop=false "
-                                  "(each step sees a different crop); turn the augmentation off or the cache off")
-        if not 0 <= self.lora.dropout < 1:
-            raise DreamBoothError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
-        self.objective.check()
-        if not 0 <= self.ema.decay < 1:
-            raise DreamBoothError(f"ema.decay must be in [0, 1) (0.999 is a usual cap), got {self.ema.decay}")
-        if self.optim.fused_backward:
-            if self.optim.max_grad_norm is not None:
-                raise DreamBoothError(f"optim.fused_backward=true cannot be used with optim.max_grad_norm={self.optim.max_grad_norm} "
-                                      "(global-norm clipping needs every gradient at once, but each parameter is stepped "
-                                      "as soon as its own gradient is ready): set optim.max_grad_norm=null")
-            if self.train.gradient_accumulation_steps != 1:
-                raise DreamBoothError("optim.fused_backward=true cannot be used with train.gradient_accumulation_steps="
-                                      f"{self.train.gradient_accumulation_steps} (each backward pass steps the optimizer): "
-                                      "set train.gradient_accumulation_steps=1 and raise train.batch_size instead")
-            if self.memory.mixed_precision == "fp16":
-                raise DreamBoothError("optim.fused_backward=true cannot be used with memory.mixed_precision=fp16 (the fp16 "
-                                      "loss scaler must see all gradients before any step): use memory.mixed_precision=bf16")
-        if self.memory.weights_dtype == "bf16":
-            if self.memory.mixed_precision != "bf16":
-                raise DreamBoothError("memory.weights_dtype=bf16 needs memory.mixed_precision=bf16 (the model computes in "
-                                      f"bf16), got memory.mixed_precision={self.memory.mixed_precision}")
-            if self.optim.optimizer != "adamw":
-                raise DreamBoothError("memory.weights_dtype=bf16 needs optim.optimizer=adamw (AdamW with stochastic "
-                                      f"rounding), got optim.optimizer={self.optim.optimizer}")
-        if self.memory.checkpoint_levels and not self.memory.gradient_checkpointing:
-            raise DreamBoothError(f"memory.checkpoint_levels={self.memory.checkpoint_levels} needs "
-                                  "memory.gradient_checkpointing=true (it chooses which blocks are checkpointed)")
-        if self.memory.checkpoint_levels < 0:
-            raise DreamBoothError(f"memory.checkpoint_levels must be 0 (every block) or more, got {self.memory.checkpoint_levels}")
-        if self.optim.moments_dtype != "fp32" and self.memory.weights_dtype != "bf16":
-            raise DreamBoothError(f"optim.moments_dtype={self.optim.moments_dtype} needs memory.weights_dtype=bf16 (the "
-                                  "stochastic-rounding AdamW); set both, or leave optim.moments_dtype=fp32"
-                                  + (" and use optim.optimizer=adamw8bit" if self.optim.moments_dtype == "int8" else ""))
-        self._check_preservation()
-        if self.monitor.every_n_steps < 0 or self.monitor.probe_size < 1 or not 0 < self.monitor.fit_ratio <= 1:
-            raise DreamBoothError(f"monitor.every_n_steps must be >= 0 (got {self.monitor.every_n_steps}), monitor.probe_size "
-                                  f">= 1 (got {self.monitor.probe_size}), monitor.fit_ratio in (0, 1] (got {self.monitor.fit_ratio})")
-        if self.train.select == "best" and not (self.checkpoint.every_n_steps and self.monitor.every_n_steps):
-            raise DreamBoothError("train.select=best scores checkpoints with the drift probe: set checkpoint.every_n_steps "
-                                  "and monitor.every_n_steps (e.g. both 100), or use train.select=last")
-        if self.train.select == "best" and self.ema.enabled:
-            raise DreamBoothError("train.select=best with ema.enabled is not supported yet: the export would pair the best "
-                                  "checkpoint's weights with the last step's average; use one of them")
-        if self.validation.every_n_steps and not self.validation.prompts:
-            raise DreamBoothError("validation.every_n_steps is set but validation.prompts is empty: give at least one prompt")
-        return self
-
-
-    def _check_class_prompts(self, key: str, c: ConceptConfig) -> None:
-        if not c.class_prompts:
-            return
-        if not self.prior.enabled:
-            raise DreamBoothError(f"{key}.class_prompts is set but prior.enabled is false: set prior.enabled=true "
-                                  "(and a class_prompt) to use them, or remove them")
-        if self.prior.source == "model":
-            raise DreamBoothError(f"{key}.class_prompts makes class images, which prior.source=model has none of: "
-                                  "give these prompts as prior.preserve_prompts (with a prior.preserve_weight), which "
-                                  "distils the base on them the same way, or use prior.source=images")
-        if c.class_images_user_supplied:
-            raise DreamBoothError(f"{key}.class_prompts sets the prompts generated class images are made with, but "
-                                  "class_images_user_supplied is true: caption your own class images with a 'name.txt' "
-                                  "beside each instead, or remove class_prompts")
-        if any(not prompt.strip() for prompt in c.class_prompts):
-            raise DreamBoothError(f"{key}.class_prompts holds an empty prompt: remove it")
-        identifier = c.resolved_identifier
-        if identifier and any(identifier in prompt.split() for prompt in c.class_prompts):
-            raise DreamBoothError(f"{key}.class_prompts must not name the identifier {identifier!r}: they describe the "
-                                  "class in general (e.g. 'a photo of a black dog'), which prior preservation keeps")
-
-    def _check_preservation(self) -> None:
-        p = self.prior
-        if p.source == "model" and not p.enabled:
-            raise DreamBoothError("prior.source=model is set but prior.enabled is false: set prior.enabled=true "
-                                  "(and a concept.class_prompt), or leave prior.source at its default")
-        if p.preserve_weight < 0:
-            raise DreamBoothError(f"prior.preserve_weight must be 0 (off) or more, got {p.preserve_weight}")
-        if p.preserve_prompts and not p.preserve_weight:
-            raise DreamBoothError("prior.preserve_prompts is set but prior.preserve_weight is 0: give the "
-                                  "knowledge-preservation loss a weight (e.g. prior.preserve_weight=1), or remove the prompts")
-        if p.preserve_weight and not p.preserve_prompts and not p.enabled:
-            raise DreamBoothError("prior.preserve_weight > 0 needs prompts: give prior.preserve_prompts, or set "
-                                  "prior.enabled=true with a concept.class_prompt (the default prompts)")
-        if any(not prompt.strip() for prompt in p.preserve_prompts):
-            raise DreamBoothError("prior.preserve_prompts holds an empty prompt: remove it")
+    def named_concepts(self) -> list[tuple[str, ConceptConfig]]:
+        """The concepts as given, each with the key that names it in messages (concept, concepts[0], ...)."""
+        if self.concepts:
+            return [(f"concepts[{i}]", c) for i, c in enumerate(self.concepts)]
+        return [("concept", self.concept)]
 
     def preservation_prompts(self) -> list[str]:
         """Knowledge-preservation prompts: prior.preserve_prompts, else the concepts' class prompts ([] when off)."""
@@ -605,175 +585,59 @@ class TrainConfig:
     def distills(self) -> bool:
         return self.prior.distills
 
+    # ---- consistency checks -----------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Raise a DreamBoothError naming the key for the first inconsistent setting; return self.
 
-def _check_choices(obj, prefix: str = "") -> None:
-    """Every Literal field holds one of its choices, also when the dataclass was built in Python."""
-    hints = _hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, tp = getattr(obj, f.name), _strip_optional(hints[f.name])
-        if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
-        elif typing.get_origin(tp) is Literal and value is not None and value not in typing.get_args(tp):
-            raise DreamBoothError(f"{prefix}{f.name} must be one of {', '.join(map(str, typing.get_args(tp)))}; got {value!r}")
+        Every section checks its own fields first, in field order; then the checks across sections
+        (checks.py) run.
+        """
+        check_choices(self)
+        self.model.check()
+        if self.concepts and (self.concept.instance_dir or self.concept.instance_prompt):
+            raise DreamBoothError("give either `concept` (one concept) or `concepts` (a list), not both")
+        for key, concept in self.named_concepts():
+            concept.check(key)
+        self.data.check()
+        self.prior.check()
+        self.lora.check()
+        for name, text_encoder in self.text_encoders().items():
+            text_encoder.check(name)
+        self.optim.check()
+        self.memory.check()
+        self.objective.check()
+        self.ema.check()
+        self.validation.check()
+        self.checkpoint.check()
+        self.monitor.check()
+        self.train.check()
+        check_across_sections(self)
+        return self
 
 
 # ---------------------------------------------------------------------------------------
-# dict <-> dataclass, with unknown keys rejected by name
+# the fields' types, read back from the annotations (also for parsing and --help)
 # ---------------------------------------------------------------------------------------
 
-def _hints(cls) -> dict[str, Any]:
+def field_types(cls) -> dict[str, Any]:
+    """Field name -> its annotation, resolved (the module uses postponed annotations)."""
     return typing.get_type_hints(cls)
 
 
-def _strip_optional(tp):
+def strip_optional(tp):
+    """`Optional[X]` -> X; any other type unchanged."""
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
     return tp
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert one YAML or CLI value to the field's type; errors name the key."""
-    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
-    if value is None:
-        if optional:
-            return None
-        raise DreamBoothError(f"{key} cannot be null")
-    tp = _strip_optional(tp)
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise DreamBoothError(f"{key} must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
-        return from_dict(tp, value, prefix=key + ".")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise DreamBoothError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on", "false", "no", "0", "off"}:
-            return value.lower() in {"true", "yes", "1", "on"}
-        raise DreamBoothError(f"{key} must be true or false; got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise DreamBoothError(f"{key} must be a number; got {value!r}")
-        try:
-            converted = tp(value)
-        except (TypeError, ValueError):
-            raise DreamBoothError(f"{key} must be {'an integer' if tp is int else 'a number'}; got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != converted:
-            raise DreamBoothError(f"{key} must be an integer; got {value!r}")
-        return converted
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise DreamBoothError(f"{key} must be a string; got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys raise with a 'did you mean' hint."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(sorted(names))})"
-            raise DreamBoothError(f"unknown setting {prefix}{key}{hint}")
-        kwargs[key] = _convert(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """A copy of `base` with `override` merged in, recursively for nested mappings."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def dotted_to_nested(flat: dict[str, Any]) -> dict:
-    """{'optim.lr': 1e-6} -> {'optim': {'lr': 1e-6}}"""
-    nested: dict = {}
-    for dotted, value in flat.items():
-        node = nested
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DreamBoothError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DreamBoothError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise DreamBoothError(f"{path} must hold a mapping of settings at the top level")
-    return data
-
-
-def yaml_text(cfg: TrainConfig) -> str:
-    """The resolved configuration as YAML, in field order (what config.yaml files hold)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml_text(cfg))
-
-
-def build_config(*layers: dict) -> TrainConfig:
-    """Merge nested-dict layers (later wins) over the defaults, applying a named preset first.
-
-    A `preset` key in any layer selects a preset; the preset's values sit under every layer, so
-    anything the user gives explicitly wins over it.
-    """
-    from .presets import TRAIN_PRESETS
-
-    merged: dict = {}
-    for layer in layers:
-        merged = deep_merge(merged, layer)
-    preset = merged.get("preset")
-    if preset is not None:
-        if preset not in TRAIN_PRESETS:
-            raise DreamBoothError(f"unknown preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
-        merged = deep_merge(dotted_to_nested(TRAIN_PRESETS[preset]), merged)
-    return from_dict(TrainConfig, merged)
-
-
-def iter_fields(cls, prefix: str = ""):
-    """Yield (dotted key, type, default, help) for every leaf field, for --help and the CLI parser."""
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, prefix + f.name + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        yield prefix + f.name, tp, default, f.metadata.get("help", "")
+def check_choices(obj, prefix: str = "") -> None:
+    """Every Literal field holds one of its choices, also when the dataclass was built in Python."""
+    hints = field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is Literal and value is not None and value not in typing.get_args(tp):
+            raise DreamBoothError(f"{prefix}{f.name} must be one of {', '.join(map(str, typing.get_args(tp)))}; got {value!r}")

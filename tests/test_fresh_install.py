@@ -153,7 +153,7 @@ def test_negative_number_values_reach_the_config_check(capsys):
 
 def test_resolution_error_names_the_models_own_factor(tiny_sd_dir, photos, tmp_path):
     """The tiny VAE downsamples by 2, not 8: the message says so and proposes a valid value."""
-    with pytest.raises(DreamBoothError, match=r"multiple of 2 .* downsamples by 2\), got 33; try 32"):
+    with pytest.raises(DreamBoothError, match=r"multiple of 2 .* steps of 2 pixels: latent factor x patch size\), got 33; try 32"):
         train(make_cfg(tiny_sd_dir, photos, tmp_path / "out", data={"resolution": 33}))
     assert not (tmp_path / "out").exists()
 

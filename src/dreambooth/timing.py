@@ -15,17 +15,15 @@ import torch
 
 
 class PhaseTimer:
-    def __init__(self, enabled: bool, synchronize: bool):
-        self.enabled = enabled
+    """Seconds spent in each named phase, summed per step (`seconds[phase]` holds one total a step)."""
+
+    def __init__(self, synchronize: bool):
         self.synchronize = synchronize and torch.cuda.is_available()
         self.seconds: dict[str, list[float]] = defaultdict(list)  # phase -> per-step totals
         self._current: dict[str, float] = defaultdict(float)
 
     @contextmanager
     def phase(self, name: str):
-        if not self.enabled:
-            yield
-            return
         if self.synchronize:
             torch.cuda.synchronize()
         start = time.perf_counter()

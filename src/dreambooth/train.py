@@ -200,7 +200,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(out, start_step, trainable_parameters=trainable.count())
     if monitor is not None and resume_from is None:
         logger.scalars(0, **monitor.base_metrics())
-    timer = PhaseTimer(enabled=True, synchronize=cfg.train.time_phases)
+    timer = PhaseTimer(synchronize=cfg.train.time_phases)
     result.phase_seconds = timer.seconds
     for m in models:
         m.train()

@@ -140,6 +140,7 @@ def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
     assert state["metrics"]["drift"] == lines[chosen]["drift"]
 
 
+@pytest.mark.slow
 def test_select_best_in_the_miniature_world_scores_with_the_classifier(tmp_path):
     """On the bundled base with a held-out subject's photos, each checkpoint is rendered and scored against
     the acceptance bar (targets missed + shortfall); the lowest score is exported."""

@@ -198,6 +198,7 @@ def test_wrong_architecture_is_one_line(tiny_sd_dir, tmp_path):
         sf.to_diffusers(tmp_path / "m.safetensors", tmp_path / "out")  # detected as SD 1.x; the tiny shapes are not
 
 
+@pytest.mark.slow
 def test_convert_cli_offline_with_no_hub_cache(tiny_sdxl_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home"), "DREAMBOOTH_CACHE": str(tmp_path / "c")}
     run = [sys.executable, "-m", "dreambooth.cli", "convert"]

@@ -317,7 +317,8 @@ Path(sys.argv[2], f"rank{accelerator.process_index}.json").write_text(json.dumps
 """
 
 
-def test_two_processes_launched_take_disjoint_positions_with_buckets(tmp_path):
+@pytest.mark.slow
+def test_two_processes_launched_take_disjoint_positions_with_buckets(tmp_path, free_port):
     """Two real processes (torchrun, as `accelerate launch` starts them): each takes its own positions, each
     micro-batch is one bucket, and together they see exactly the one-process stream."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -327,7 +328,7 @@ def test_two_processes_launched_take_disjoint_positions_with_buckets(tmp_path):
     script = tmp_path / "stream.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", str(script), str(photos),
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port), str(script), str(photos),
                              str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -11,11 +11,12 @@ from diffusers import StableDiffusionPipeline
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
-def test_two_process_training(tiny_sd_dir, photos, tmp_path):
+@pytest.mark.slow
+def test_two_process_training(tiny_sd_dir, photos, tmp_path, free_port):
     out = tmp_path / "out"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "dreambooth.cli", "train",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port), "-m", "dreambooth.cli", "train",
            "--model.path", str(tiny_sd_dir), "--concept.instance_dir", str(photos),
            "--concept.instance_prompt", "a photo of sks dog", "--concept.class_prompt", "a photo of a dog",
            "--prior.enabled", "--prior.num_class_images", "3", "--prior.num_inference_steps", "2",

@@ -229,6 +229,24 @@ def test_re_export_is_atomic_after_a_kill_at_any_move(tmp_path, monkeypatch, kil
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "logs", "model_index.json", "unet"]
 
 
+def test_a_folder_written_whole_appears_complete_or_not_at_all(tmp_path):
+    """files.atomic_folder (checkpoints): an error mid-write leaves the old folder as it was; the next
+    write clears the leftover staging folder and replaces the old one whole."""
+    target = tmp_path / "step-000002"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_folder(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise KeyboardInterrupt  # the kill
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with files.atomic_folder(target) as tmp:
+        assert list(tmp.iterdir()) == []  # the killed write's leftovers are gone
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+
+
 def test_full_then_lora_export_leaves_no_stale_parts(tiny_sd_dir, photos, tmp_path):
     out = tmp_path / "out"
     train(make_cfg(tiny_sd_dir, photos, out))

@@ -13,11 +13,12 @@ from PIL import Image
 
 from dreambooth.data.images import (
     IMAGE_EXTENSIONS,
+    image_files,
     list_images,
     load_image,
+    load_images,
     read_caption,
     to_tensor,
-    validate_images,
 )
 from dreambooth.errors import DreamBoothError
 
@@ -71,6 +72,10 @@ def test_list_images_sorted_and_filtered(tmp_path):
 
     assert [p.name for p in images] == ["a.JPG", "b.png", "c.webp", "d.tiff"]
     assert all(p.is_absolute() for p in images)
+    assert image_files(tmp_path) == images  # the one lister behind list_images, class images and the doctor
+    assert image_files(tmp_path / "sub") == [tmp_path / "sub" / "e.png"]
+    (tmp_path / "sub" / "e.png").unlink()
+    assert image_files(tmp_path / "sub") == []  # no refusal: the callers word their own
 
 
 def test_list_images_missing_folder(tmp_path):
@@ -327,6 +332,17 @@ def test_caption_empty_is_error(tmp_path):
     assert str(tmp_path / "dog.txt") in str(info.value)
 
 
+def test_caption_with_another_extension(tmp_path):
+    image = save(tmp_path / "dog.png", rgb())
+    (tmp_path / "dog.txt").write_text("the .txt one")
+    assert read_caption(image, ".caption") is None
+    (tmp_path / "dog.caption").write_bytes("\ufeff a sks dog \n".encode("utf-8"))
+    assert read_caption(image, ".caption") == "a sks dog"
+    (tmp_path / "dog.caption").write_bytes("à".encode("latin-1"))
+    with pytest.raises(DreamBoothError, match="dog.caption is not UTF-8"):  # the same checks as .txt
+        read_caption(image, ".caption")
+
+
 def test_caption_not_utf8_is_error(tmp_path):
     image = save(tmp_path / "dog.png", rgb())
     (tmp_path / "dog.txt").write_bytes("un chien à Paris".encode("latin-1"))
@@ -335,10 +351,10 @@ def test_caption_not_utf8_is_error(tmp_path):
     assert str(tmp_path / "dog.txt") in str(info.value)
 
 
-# validate_images
+# load_images (what training uses to check and decode a folder in one go)
 
 
-def test_validate_images_lists_every_bad_file(tmp_path):
+def test_load_images_lists_every_bad_file(tmp_path):
     good = save(tmp_path / "good.png", rgb((64, 64)))
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff garbage")
@@ -347,7 +363,7 @@ def test_validate_images_lists_every_bad_file(tmp_path):
     text.write_text("not an image")
 
     with pytest.raises(DreamBoothError) as info:
-        validate_images([good, corrupt, small, text], min_size=32)
+        load_images([good, corrupt, small, text], min_size=32)
 
     message = str(info.value)
     lines = message.splitlines()
@@ -358,9 +374,11 @@ def test_validate_images_lists_every_bad_file(tmp_path):
     assert str(good) not in message
 
 
-def test_validate_images_accepts_good_files(tmp_path):
-    paths = [save(tmp_path / f"{i}.png", rgb((40, 40))) for i in range(3)]
-    assert validate_images(paths, min_size=40) is None
+def test_load_images_returns_good_files_decoded_in_order(tmp_path):
+    colours = [RED, GREEN, BLUE]
+    paths = [save(tmp_path / f"{i}.png", Image.new("RGB", (40, 40), c)) for i, c in enumerate(colours)]
+    images = load_images(paths, min_size=40)
+    assert [(im.mode, im.size, im.getpixel((0, 0))) for im in images] == [("RGB", (40, 40), c) for c in colours]
 
 
 # to_tensor

@@ -1,9 +1,30 @@
 """The miniature world: deterministic renders and captions, held-out subjects and backgrounds."""
 
+import json
+import math
+
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dreambooth.miniworld import world
+
+
+def _trained_and_exported(result, base, steps: int) -> None:
+    """`steps` finite losses, one a step; the export passed its verification; and its denoiser differs from
+    the base's (what "fine-tunes" and "trains" promise: a model that learnt, written where it can be used)."""
+    from dreambooth.interop.exports import REPORT
+
+    assert result.steps == steps and sorted(result.losses) == list(range(1, steps + 1))
+    assert all(math.isfinite(v) for v in result.losses.values()), result.losses
+    out = result.output_dir
+    assert json.loads((out / REPORT).read_text())["passed"]
+    name = "unet/diffusion_pytorch_model.safetensors"
+    trained, before = load_file(out / name), load_file(base / name)
+    assert trained.keys() == before.keys()
+    changed = [k for k in trained if not torch.equal(trained[k].float(), before[k].float())]
+    assert changed, f"no weight of {out / name} differs from the base's"
 
 
 def test_world_example_is_deterministic():
@@ -212,8 +233,7 @@ def test_dreambooth_train_fine_tunes_the_committed_if_base(tmp_path):
     cfg = demo_config(tmp_path, "split_moon", ASSETS / "base-if",
                       {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2, "prior.num_inference_steps": 2},
                       recipe=PAPER_SETTINGS)
-    result = train(cfg)
-    assert result.steps == 2 and all(v == v for v in result.losses.values())
+    _trained_and_exported(train(cfg), ASSETS / "base-if", steps=2)
     assert (tmp_path / "model" / "model_index.json").is_file()
     images = sorted((tmp_path / "class_images").glob("*.png"))
     assert len(images) == 2
@@ -245,8 +265,7 @@ def test_dreambooth_train_fine_tunes_the_committed_base(tmp_path):
     world.write_instance_images("banded_heart", tmp_path / "instance_images")
     cfg = demo_config(tmp_path, "banded_heart", ASSETS / "base",
                       {"train.max_steps": 2, "prior.num_class_images": 2, "prior.batch_size": 2}, recipe=PAPER_SETTINGS)
-    result = train(cfg)
-    assert result.steps == 2 and all(v == v for v in result.losses.values())
+    _trained_and_exported(train(cfg), ASSETS / "base", steps=2)
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert len(list((tmp_path / "class_images").glob("*.png"))) == 2
 
@@ -281,6 +300,5 @@ def test_the_demo_default_trains_every_family(tmp_path, family):
     assert (cfg.prior.source == "model" and cfg.prior.preserve_weight > 0) == default
     assert all((te.scope == "identifier") == default for te in cfg.text_encoders().values() if te.train)
     assert (cfg.train.max_steps, cfg.train.denoiser_start_step) == (8, 2 if family == "sd" else 0)
-    result = train(cfg)
-    assert result.steps == 8 and all(v == v for v in result.losses.values())
+    _trained_and_exported(train(cfg), BASES[family], steps=8)
     assert (tmp_path / "class_images").exists() == (not default)  # the base as the prior makes no class images

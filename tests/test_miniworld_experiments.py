@@ -22,6 +22,7 @@ def test_roughness_separates_clean_renders_from_noise():
     assert (r_clean > 0).all() and (r_noisy > r_clean + 0.05).all(), (r_clean, r_noisy)
 
 
+@pytest.mark.slow
 def test_run_chain_resumes_and_caches(tmp_path, monkeypatch):
     run = experiments.Run("tiny", {"prior.enabled": False}, (1, 2), samplers=(experiments.DEFAULT_SAMPLER, ("pndm", 5)))
     results = experiments.run_one(run, tmp_path, n=1, verbose=False)

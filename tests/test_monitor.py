@@ -141,6 +141,7 @@ def test_select_best_exports_the_best_checkpoint_bitwise(tmp_path):
     assert state["metrics"]["drift"] == lines[chosen]["drift"]
 
 
+@pytest.mark.slow
 def test_select_best_in_the_miniature_world_scores_with_the_classifier(tmp_path):
     """With the miniature world's judge (the bundled base, a held-out subject's photos), each checkpoint is rendered
     and scored against the acceptance bar (targets missed + shortfall); the lowest score is exported."""

@@ -17,7 +17,8 @@ from dreambooth.miniworld.evaluate import DEFAULT_BASE
 
 SUBJECTS = ("checkered_arrow", "striped_ring")
 N_EVAL = 16
-pytestmark = pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(), reason="miniature base not built")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (DEFAULT_BASE / "model_index.json").is_file(), reason="miniature base not built")]
 
 
 @pytest.mark.parametrize("subject", SUBJECTS)

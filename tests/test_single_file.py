@@ -249,6 +249,7 @@ def test_convert_verification_fails_a_folder_diffusers_cannot_load(tiny_sd_dir, 
     assert len(report.problems) == 1 and report.problems[0].startswith("StableDiffusionPipeline.from_pretrained(out): "), report
 
 
+@pytest.mark.slow
 def test_convert_cli_offline_with_no_hub_cache(tiny_sdxl_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home"), "DREAMBOOTH_CACHE": str(tmp_path / "c")}
     run = [sys.executable, "-m", "dreambooth.cli", "convert"]

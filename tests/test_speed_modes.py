@@ -206,6 +206,7 @@ def _relative_deviation(curve: torch.Tensor, reference: torch.Tensor) -> float:
     return ((curve - reference).abs() / reference).max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 def test_mode_trains_like_fp32_adamw(tiny_sd_dir, fp32_run, tmp_path, monkeypatch, mode):
     """torch.compile (in the fast preset) runs with the aot_eager backend here: the same dynamo and
@@ -220,6 +221,7 @@ def test_mode_trains_like_fp32_adamw(tiny_sd_dir, fp32_run, tmp_path, monkeypatc
     assert deviation <= TOLERANCE, mode
 
 
+@pytest.mark.slow
 def test_quality_guard_catches_bf16_round_to_nearest(tiny_sd_dir, fp32_run, tmp_path, monkeypatch):
     """The control: bf16 weights with the update rounded to nearest lose most updates at this lr,
     and the guard must see it, or it could not vouch for the modes above."""

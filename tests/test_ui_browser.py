@@ -12,7 +12,6 @@ package; .ci/run installs it). Playwright's own browser download is not used.
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,25 +23,20 @@ from dreambooth.tiny import write_photos
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ui(tmp_path, tiny_sd_dir):
+def ui(tmp_path, tiny_sd_dir, free_port):
     """A workspace with the tiny model in it, and `dreambooth ui` serving it on a free loopback port."""
     ws = tmp_path / "ws"
     shutil.copytree(tiny_sd_dir, ws / "models" / "tiny-sd")
     broken = ws / "models" / "broken"  # a model folder whose UNet weights are garbage: the job crashes
     shutil.copytree(tiny_sd_dir, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    port = free_port()
+    port = free_port
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     log = tmp_path / "ui.log"  # a file, not a pipe: a pipe nobody reads would block the server once full
     with open(log, "w") as out:

@@ -20,7 +20,6 @@ change what the remaining steps compute.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TEXT_ENCODER_SECTIONS, TrainConfig, deep_merge, to_dict
 from .errors import DreamBoothError
-from .files import atomic_write_text
+from .files import atomic_folder, atomic_write_text
 
 # Settings that must not change between a run and its resume: each changes what the remaining
 # steps compute or which weights exist. Others (max_steps, checkpoint/validation cadence,
@@ -81,30 +80,25 @@ def save_checkpoint(output_dir, step: int, trainable, optimizer, lr_scheduler, g
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.named().items()}, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    ema_weights, ema_updates = ema.state_dict() if ema is not None else ({}, {})
-    if ema_weights:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema_weights.items()}, tmp / "ema.safetensors")
-    torch.save({
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "ema_updates": ema_updates,
-    }, tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps(
-        {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-         **({"metrics": metrics} if metrics is not None else {})}, indent=2))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:  # a kill mid-save never leaves a half checkpoint for resume to find
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.named().items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        ema_weights, ema_updates = ema.state_dict() if ema is not None else ({}, {})
+        if ema_weights:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema_weights.items()}, tmp / "ema.safetensors")
+        torch.save({
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "ema_updates": ema_updates,
+        }, tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "model_fingerprint": model_fingerprint, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             **({"metrics": metrics} if metrics is not None else {})}, indent=2))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     best = _read_best(root)
     if score is not None and (best is None or score < best["score"] or best["step"] == step):
         atomic_write_text(root / "best.json", json.dumps({"checkpoint": final.name, "step": step, "score": score}) + "\n")

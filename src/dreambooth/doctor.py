@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .config import DataConfig
 from .data.buckets import Size, nearest_bucket
-from .data.images import crop_box, list_images, load_image, read_caption, to_tensor
+from .data.images import crop_box, image_files, list_images, load_image, read_caption, to_tensor
 from .errors import DreamBoothError
 
 log = logging.getLogger("dreambooth")
@@ -191,14 +191,11 @@ def _check_caption(r: ImageReport, path: Path, data: DataConfig, identifier: str
         return
     r.caption_file = caption_path.name
     try:
-        # Other extensions are read as `dataset.subject_examples` reads them: UTF-8, stripped.
-        r.caption = read_caption(path) if data.caption_extension == ".txt" else caption_path.read_text("utf-8-sig").strip()
-    except (DreamBoothError, UnicodeDecodeError, OSError) as e:
-        r.errors.append(str(e) if isinstance(e, DreamBoothError) else f"caption {caption_path.name} cannot be read as UTF-8")
+        r.caption = read_caption(path, data.caption_extension)  # as training reads it
+    except DreamBoothError as e:
+        r.errors.append(str(e))
         return
-    if not r.caption:
-        r.errors.append(f"caption file {caption_path.name} is empty: write the caption or delete the file")
-    elif identifier:
+    if identifier:
         r.caption_has_identifier = identifier in r.caption.split()
         if not r.caption_has_identifier:
             r.warnings.append(f"caption {caption_path.name} does not contain the identifier {identifier!r}: this photo "
@@ -212,7 +209,7 @@ def class_folder_status(class_dir: str | Path, model_path: str | Path | None = N
     with a manifest.jsonl (`data/class_images.py`). With `model_path`, each image's recorded model
     fingerprint is compared with that model's.
     """
-    from .data.class_images import IMAGE_SUFFIXES, MANIFEST, _read_manifest, model_fingerprint
+    from .data.class_images import MANIFEST, _read_manifest, model_fingerprint
 
     class_dir = Path(class_dir)
     status: dict = {"path": str(class_dir), "warnings": []}
@@ -222,7 +219,7 @@ def class_folder_status(class_dir: str | Path, model_path: str | Path | None = N
     fingerprint = model_fingerprint(model_path) if model_path else None
     status["folders"] = []
     for folder in folders:
-        images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = [p.name for p in image_files(folder)]
         if not (folder / MANIFEST).is_file():
             if images:
                 status["folders"].append({"folder": folder.name, "status": "user-supplied", "images": len(images)})

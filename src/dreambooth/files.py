@@ -1,7 +1,8 @@
-"""Crash-safe file writes: one helper for single files, one for replacing a set of entries.
+"""Crash-safe file writes: one helper for single files, one for whole folders, one for replacing a set of entries.
 
 A single file is written beside its target and renamed over it (`os.replace` is atomic on one
-file system). An export replaces several entries of the output folder at once (unet/, vae/,
+file system); a folder that is written whole (a checkpoint) is built beside its target the same
+way and renamed into place. An export replaces several entries of the output folder at once (unet/, vae/,
 model_index.json, README.md, ...), and no single rename can do that while the folder also holds
 the run's checkpoints, logs and samples. `swap_in` makes it atomic in effect with a journal, as a
 database does: the new entries are written completely first, then a journal naming them is
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 JOURNAL = ".swap-journal.json"
@@ -32,6 +35,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Build a folder that appears at `path` complete or not at all.
+
+    Yields an empty staging folder beside `path` (`.tmp-<name>`, left over by a killed run and
+    cleared on the next try) to write into; when the block ends without an error, any old `path`
+    is removed and the staging folder is renamed to it. After an error the staging folder stays and
+    `path` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    yield tmp
+    _remove(path)
+    os.replace(tmp, path)
 
 
 def swap_in(staged: Path, target: Path, stale: tuple[str, ...] = ()) -> None:

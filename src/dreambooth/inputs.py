@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.dataset import Batch, DreamBoothData
+from .files import atomic_write_bytes
 from .models.family import Components
 
 
@@ -79,14 +80,12 @@ class Texts:
 
 
 def _save(path: Path, provenance: dict, cache: dict[str, dict[str, torch.Tensor]]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     prompts = list(cache)
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, p in enumerate(prompts) for k, v in cache[p].items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"provenance": json.dumps({**provenance, "prompts": prompts})})
-    tmp.replace(path)
+    atomic_write_bytes(path, save(tensors, metadata={"provenance": json.dumps({**provenance, "prompts": prompts})}))
 
 
 def _load(path: Path, provenance: dict, prompts: list[str], device) -> dict[str, dict[str, torch.Tensor]] | None:

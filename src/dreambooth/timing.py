@@ -15,6 +15,8 @@ import torch
 
 
 class PhaseTimer:
+    """Seconds spent in each named phase, summed per step (`seconds[phase]` holds one total a step)."""
+
     def __init__(self, synchronize: bool):
         self.synchronize = synchronize and torch.cuda.is_available()
         self.seconds: dict[str, list[float]] = defaultdict(list)  # phase -> per-step totals

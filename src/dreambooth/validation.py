@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 from .config import ValidationConfig
 from .sampling import generate, image_grid
 
@@ -94,9 +95,9 @@ def validate(comps, vcfg: ValidationConfig, resolution: int, samples_dir: Path, 
     grid = image_grid(images, cols=vcfg.num_images)
     samples_dir.mkdir(parents=True, exist_ok=True)
     path = samples_dir / f"step-{step:06d}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    atomic_write_bytes(path, png.getvalue())
     if logger is not None:
         logger.image(step, "validation", grid)
     return path

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth import sampling
-from dreambooth.data.images import read_caption
+from dreambooth.data.images import IMAGE_EXTENSIONS, image_files, read_caption
 from dreambooth.errors import DreamBoothError
 from dreambooth.files import atomic_write_bytes
 
@@ -39,7 +39,6 @@ logger = logging.getLogger("dreambooth")
 
 MANIFEST = "manifest.jsonl"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _NAME = re.compile(r"class_(\d{5,})_[0-9a-f]{10}\.png")
 _CHUNK = 1 << 20  # 1 MiB
 
@@ -282,10 +281,10 @@ def _load_pipeline(model_dir, device, dtype):
 
 def _user_images(class_dir: Path, num_images: int) -> list[Path]:
     """The first `num_images` image files of a user's folder, sorted by name."""
-    images = _image_files(class_dir) if class_dir.is_dir() else []
+    images = image_files(class_dir) if class_dir.is_dir() else []
     if not images:
         raise DreamBoothError(
-            f"{class_dir} holds no class images ({', '.join(IMAGE_SUFFIXES)}); add images there, "
+            f"{class_dir} holds no class images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add images there, "
             "or set the concept's `class_images_user_supplied: false` to generate them"
         )
     if len(images) < num_images:
@@ -294,10 +293,6 @@ def _user_images(class_dir: Path, num_images: int) -> list[Path]:
             class_dir, len(images), num_images, len(images),
         )
     return images[:num_images]
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def _index_of(entry: dict) -> int | None:
@@ -309,7 +304,7 @@ def _index_of(entry: dict) -> int | None:
 def _check_no_strangers(class_dir: Path, entries: list[dict]) -> None:
     """Refuse to manage a folder holding images we did not make: we might delete them."""
     ours = {entry.get("file") for entry in entries}
-    strangers = [p for p in _image_files(class_dir) if p.name not in ours]
+    strangers = [p for p in image_files(class_dir) if p.name not in ours]
     if strangers:
         raise DreamBoothError(
             f"{class_dir} holds {len(strangers)} image files not listed in its {MANIFEST} "

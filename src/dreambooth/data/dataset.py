@@ -68,17 +68,7 @@ def class_prompt_twins(subject: list[Example], concepts: list[ConceptConfig]) ->
 
 def caption_of(path: Path, data: DataConfig) -> str | None:
     """The caption file beside a photo (data.caption_extension), or None if it has none."""
-    return read_caption(path) if data.caption_extension == ".txt" else _read_other_caption(path, data)
-
-
-def _read_other_caption(path: Path, data: DataConfig) -> str | None:
-    caption_path = path.with_suffix(data.caption_extension)
-    if not caption_path.is_file():
-        return None
-    text = caption_path.read_text(encoding="utf-8-sig").strip()
-    if not text:
-        raise DreamBoothError(f"caption file {caption_path} is empty: write the caption or delete the file")
-    return text
+    return read_caption(path, data.caption_extension)
 
 
 def class_examples(files_per_concept: list[list[Path]], concepts: list[ConceptConfig], data: DataConfig) -> list[Example]:

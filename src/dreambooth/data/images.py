@@ -52,11 +52,23 @@ def _entries(folder: Path, what: str) -> list[Path]:
         ) from None
 
 
-def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
-    """List the image files directly in `folder`, sorted by file name.
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in an existing `folder`, sorted by name; [] when there are none.
 
-    Files whose extension is not in `IMAGE_EXTENSIONS` and hidden files (names starting with
-    ".", e.g. macOS `._photo.jpg` resource forks) are skipped. Sub-folders are not searched.
+    The one listing every image folder goes through (instance photos, class images, the doctor,
+    the UI): files whose extension is not in `IMAGE_EXTENSIONS` and hidden files (names starting
+    with ".", e.g. macOS `._photo.jpg` resource forks) are skipped. Sub-folders are not searched.
+    `list_images` adds the checks and messages for a folder the user named.
+    """
+    return _images_among(Path(folder).iterdir())
+
+
+def _images_among(entries) -> list[Path]:
+    return sorted((p for p in entries if _is_image_file(p)), key=lambda p: p.name)
+
+
+def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
+    """`image_files` of a folder the user named, refusing a missing, unreadable or image-less one.
 
     Args:
         folder (str | Path): The folder that holds the images.
@@ -80,7 +92,7 @@ def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
             f"pass the folder that contains the {what} images."
         )
     entries = _entries(folder, what)
-    images = sorted((p for p in entries if _is_image_file(p)), key=lambda p: p.name)
+    images = _images_among(entries)
     if not images:
         raise DreamBoothError(_no_images_message(folder, entries, what))
     return images
@@ -245,11 +257,12 @@ def _int32_range(img: Image.Image, values: np.ndarray) -> tuple[float, float]:
 # Captions
 
 
-def read_caption(image_path: str | Path) -> str | None:
+def read_caption(image_path: str | Path, extension: str = ".txt") -> str | None:
     """Read the caption stored beside an image (`name.txt` for `name.png`).
 
     Args:
         image_path (str | Path): The image whose caption to read.
+        extension (str): The caption file's extension (`data.caption_extension`).
 
     Returns:
         str | None: The caption, whitespace-stripped, or None if there is no caption file.
@@ -257,7 +270,7 @@ def read_caption(image_path: str | Path) -> str | None:
     Raises:
         DreamBoothError: If the caption file is empty, not UTF-8, or cannot be read.
     """
-    caption_path = Path(image_path).absolute().with_suffix(".txt")
+    caption_path = Path(image_path).absolute().with_suffix(extension)
     if not caption_path.exists():
         return None
     try:
@@ -314,11 +327,6 @@ def load_images(paths: list[Path], min_size: int) -> list[Image.Image]:
             f"fix or remove them and run again:\n{listing}"
         )
     return images
-
-
-def validate_images(paths: list[Path], min_size: int) -> None:
-    """`load_images` for its check alone (raises one error listing every bad file)."""
-    load_images(paths, min_size)
 
 
 # Training tensors

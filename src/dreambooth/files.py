@@ -22,15 +22,22 @@ from pathlib import Path
 JOURNAL = ".swap-journal.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, so a crash never leaves a partial file."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer of its own (safetensors' save_file) to write to; renamed to
+    `path` when the block ends without an error, so `path` appears complete or not at all."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp")  # class_images.py recognises its own leftovers by this name
-    with open(tmp, "wb") as f:
+    yield tmp
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder, so a crash never leaves a partial file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_file
+
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 _PEFT_TO_KOHYA = {"lora_A": "lora_down", "lora_B": "lora_up"}
 
@@ -56,8 +58,7 @@ def save_kohya(modules: dict, names: list[str], fam, path: Path) -> Path:
     from safetensors.torch import save_file
 
     state = kohya_state_dict(modules, names, fam)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in state.items()}, str(tmp), metadata={"ss_network_module": "networks.lora", "format": "pt"})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in state.items()}, str(tmp), metadata={"ss_network_module": "networks.lora", "format": "pt"})
     return path

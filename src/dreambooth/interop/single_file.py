@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DreamBoothError
+from ..files import atomic_file
 from ..models.load import FAMILIES, detect_family
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "single_file"
@@ -356,7 +357,6 @@ def write_single_file(modules, fam, path: str | Path, dtype: torch.dtype | None 
     state = original_state_dict(modules, fam, dtype)
     metadata = {PREDICTION_KEY: "v" if prediction_type == "v_prediction" else "epsilon",
                 "modelspec.sai_model_spec": "1.0.0", "format": "pt"}
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return path

@@ -20,7 +20,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from safetensors.torch import load_file
 
 from dreambooth import objective
-from dreambooth.config import ObjectiveConfig, build_config
+from dreambooth.config import ObjectiveConfig
 from dreambooth.errors import DreamBoothError
 from dreambooth.interop.exports import REPORT
 from dreambooth.models import load

@@ -102,7 +102,8 @@ def micro_loss(run: Run, step: int, micro: int) -> torch.Tensor:
         batch = run.data.micro_batch(step, micro, with_pixels=run.latents.needs_pixels)
     with run.timer.phase("forward"), run.accelerator.autocast():
         x0 = run.latents(batch, generator)  # (N, C, H/f, W/f)
-        cond_state = generator.get_state()  # a rebuilt conditioning (the frozen base's) draws the same numbers
+        # the frozen base rebuilds its conditioning from this state, so that it draws the same numbers
+        cond_state = generator.get_state() if run.base is not None else None
         cond = family.conditioning(comps, run.texts(batch), batch, x0, generator)  # the denoiser's kwargs
         teacher, distilled = None, None
         if run.base is not None:  # distilled samples: the base's own samples as inputs, its predictions as targets
